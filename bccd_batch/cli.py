@@ -1,0 +1,251 @@
+"""The `bccd-batch` command line: typed functions, one per command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Count RBC, WBC and platelets in folders of blood-smear images, score and report.")
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bccd"
+
+
+def default_model_dir() -> Path:
+    """engines/ of the source tree, installed as the package `bccd_batch.default_model`."""
+    from importlib.resources import files
+
+    return Path(str(files("bccd_batch.default_model")))
+
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"bccd-batch: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bccd-batch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
+    pass
+
+
+def _split(data: Path, split: str | None) -> Path | None:
+    if split is None:
+        return None
+    p = Path(split)
+    if p.is_file():
+        return p
+    named = data / "ImageSets" / "Main" / f"{split}.txt"
+    if named.is_file():
+        return named
+    raise _fail(f"split {split!r} is neither a file nor {named}")
+
+
+@app.command(rich_help_panel="Model")
+def train(
+    data: Path = typer.Option(DEFAULT_DATA, envvar="BCCD_DATA", help="VOC root (Annotations/, JPEGImages/, ImageSets/)."),
+    labels: Optional[Path] = typer.Option(None, help="Labels instead of DATA's VOC XML: a VOC folder, CSV or COCO JSON."),
+    images: Optional[Path] = typer.Option(None, help="Image folder for --labels (default DATA/JPEGImages)."),
+    train_split: str = typer.Option("train", help="Split name under DATA/ImageSets/Main or a file of image ids."),
+    val_split: Optional[str] = typer.Option("val", help="Split used for evaluation and choosing the best checkpoint."),
+    out: Path = typer.Option(Path("train-out"), help="Checkpoints, history.json and TensorBoard events."),
+    epochs: int = typer.Option(200, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(0.03, help="Peak learning rate for batch 16 (scaled linearly with --batch-size)."),
+    workers: int = typer.Option(8, min=0),
+    eval_every: int = typer.Option(10, min=1, help="Evaluate on the val split every N epochs."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="cuda, cpu or auto."),
+    backbone: str = typer.Option("resnet18"),
+    resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (smoke runs)."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count is fitted to it after 3 epochs."),
+    export: Optional[Path] = typer.Option(None, help="Also write the best weights + model card to this folder."),
+) -> None:
+    """Train the Faster R-CNN from scratch (AMP on CUDA), keeping the best checkpoint by val AP."""
+    import torch
+
+    from .labels import LabelError, read_labels
+    from .model import ModelConfig
+    from .train import TrainConfig, train as run_training
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = labels or data
+    image_root = images or (data / "JPEGImages")
+    try:
+        train_labels = read_labels(src, _split(data, train_split))
+        val_labels = read_labels(src, _split(data, val_split)) if val_split else None
+    except LabelError as e:
+        raise _fail(str(e))
+    if not image_root.is_dir():
+        raise _fail(f"image folder not found: {image_root}")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, workers=workers,
+                      eval_every=eval_every, seed=seed, time_budget=time_budget)
+    model_cfg = ModelConfig(backbone=backbone)
+    typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
+               f"{len(val_labels.records) if val_labels else 0}", err=True)
+    summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,
+                           model_cfg, device, resume=resume, max_steps=max_steps,
+                           log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if export:
+        export_weights(out / "best.pt", export, data=str(data), train_split=train_split, val_split=val_split)
+
+
+@app.command("export-weights", rich_help_panel="Model")
+def export_weights(
+    checkpoint: Path = typer.Argument(..., help="best.pt or last.pt from `bccd-batch train`."),
+    out: Path = typer.Option(Path("engines"), help="Folder for model.safetensors and model.json."),
+    data: str = typer.Option("BCCD train split", help="Training data, recorded in the card."),
+    train_split: str = typer.Option("train"),
+    val_split: Optional[str] = typer.Option("val"),
+) -> None:
+    """Write fp16 safetensors weights and a model card from a training checkpoint."""
+    import torch
+
+    from .model import ModelConfig, build_model, save_model
+
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
+    model = build_model(cfg)
+    state = ck["ema"] if "ema" in ck else ck["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+    model.load_state_dict(state)
+    history = None
+    hist_path = checkpoint.parent / "history.json"
+    if hist_path.is_file():
+        history = json.loads(hist_path.read_text())
+    card = save_model(model, cfg, out, {
+        "training": {"data": data, "train_split": train_split, "val_split": val_split,
+                     "from_scratch": True, "epoch": ck.get("epoch"),
+                     "epochs_run": history[-1]["epoch"] if history else None},
+        "metrics": {"val_during_training": ck.get("val", {})},
+    })
+    typer.echo(f"wrote {out / card['weights']['file']} (sha256 {card['weights']['sha256'][:16]}…) and {out / 'model.json'}")
+
+
+@app.command(rich_help_panel="Nightly")
+def run(
+    slides: Path = typer.Argument(..., help="Folder of slides: each first-level subfolder is one slide."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
+    labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
+    model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
+    engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto or torch."),
+    device: str = typer.Option("auto", envvar="BCCD_BATCH_DEVICE", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
+    full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
+    decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images."),
+) -> None:
+    """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
+
+    Exit codes: 0 all images processed, 3 some inputs unreadable (see errors.csv), 2 usage or
+    configuration error, 75 another run holds OUT's lock, 130/143 interrupted, 1 unexpected failure.
+    """
+    from .engines import EngineError
+    from .labels import LabelError
+    from .model import ModelError
+    from .pipeline import EXIT_LOCKED, LockedError, RunOptions, run as run_pipeline
+
+    if not slides.is_dir():
+        raise _fail(f"slides folder not found: {slides}")
+    if labels is not None and not labels.exists():
+        raise _fail(f"labels path not found: {labels}")
+    opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
+                      batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels)
+    try:
+        result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
+    except LockedError as e:
+        raise _fail(f"{e}; exiting", EXIT_LOCKED)
+    except (EngineError, ModelError) as e:
+        raise _fail(str(e))
+    code = result.exit_code
+    if labels is not None and result.info["status"] == "finished":
+        try:
+            _score_run(out, result.name, labels)
+        except LabelError as e:
+            raise _fail(str(e))
+    n = result.info["images"]
+    typer.echo(f"{result.info['status']}: {n['new']} new, {n['skipped']} unchanged, {n['failed']} failed "
+               f"({result.info['images_per_s']} images/s) -> {result.run_dir}", err=True)
+    typer.echo(str(result.run_dir))
+    raise typer.Exit(code)
+
+
+def _score_run(out: Path, run_name: str, labels: Path) -> dict:
+    from .score import score_run
+
+    metrics = score_run(out, run_name, labels)
+    s = metrics["coco"]["stats"]
+    typer.echo(f"scored {metrics['n_images_scored']} labelled images: AP {s['AP']:.3f}, AP50 {s['AP50']:.3f}", err=True)
+    return metrics
+
+
+@app.command(rich_help_panel="Nightly")
+def score(
+    run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
+    labels: Path = typer.Option(..., help="VOC folder, CSV or COCO JSON."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
+) -> None:
+    """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""
+    from .labels import LabelError
+
+    try:
+        _score_run(out, run_name, labels)
+    except (LabelError, FileNotFoundError) as e:
+        raise _fail(str(e))
+
+
+@app.command(rich_help_panel="Information")
+def info(model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL")) -> None:
+    """Versions, devices, which engines can run here and why not, and the default model card."""
+    import platform
+
+    import torch
+    import torchvision
+
+    from .model import ModelError, read_card
+
+    lines = [f"bccd-batch {__version__}", f"python {platform.python_version()}",
+             f"torch {torch.__version__}, torchvision {torchvision.__version__}"]
+    if torch.cuda.is_available():
+        lines += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    else:
+        lines.append("CUDA: not available (engine 'torch' runs on the CPU)")
+    lines.append("engines: torch (eager, CPU and CUDA): available")
+    model_dir = model or default_model_dir()
+    try:
+        card = read_card(model_dir)
+        lines.append(f"model: {model_dir} sha256 {card['weights']['sha256'][:16]}… thresholds {card['thresholds']}")
+        lines.append(json.dumps(card.get("metrics", {}), indent=1))
+    except ModelError as e:
+        lines.append(f"model: unusable: {e}")
+    typer.echo("\n".join(lines))
+
+
+def run_cli() -> None:
+    """Console-script entry: any unexpected exception is exit 1 with a one-line message."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence for cron
+        if os.environ.get("BCCD_BATCH_DEBUG"):
+            raise
+        typer.echo(f"bccd-batch: unexpected error: {type(e).__name__}: {e} (set BCCD_BATCH_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,56 @@
+"""The reference backend: torchvision's Faster R-CNN in eager PyTorch, on CPU or CUDA."""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import detections_to_tuples, load_model
+from . import EngineError
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"{device} requested but no CUDA GPU is available: running on the CPU")
+        return torch.device("cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise EngineError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or auto)")
+    return dev
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+class TorchEngine:
+    def __init__(self, model_dir: Path, device: str = "auto", batch_size: int = 8):
+        self.dev = resolve_device(device)
+        self.model, self.card = load_model(model_dir)
+        self.model.to(self.dev)
+        self.batch_size = batch_size
+        self.name = "torch-eager-fp32"
+        self.device = str(self.dev)
+        self.device_name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else cpu_name()
+
+    @torch.inference_mode()
+    def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
+        out: list[list[tuple]] = []
+        for i in range(0, len(images), self.batch_size):
+            batch = [torch.from_numpy(a).to(self.dev).permute(2, 0, 1).float().div_(255)
+                     for a in images[i:i + self.batch_size]]
+            for d in self.model(batch):
+                out.append(detections_to_tuples(d))
+        return out

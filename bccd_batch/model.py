@@ -1,0 +1,218 @@
+"""The Faster R-CNN definition and its on-disk form (fp16 safetensors + model card JSON).
+
+The architecture is described by `ModelConfig`, which is stored in the model card, so a card alone
+rebuilds the exact network its weights belong to. Weights are only ever read with safetensors:
+nothing under engines/ is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ModelError(Exception):
+    """A model card or weights file that cannot be used; the message says why."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    fpn_channels: int = 128
+    # Two sizes per level: platelets (~35 px), RBC (~100 px) and WBC (120-290 px) each meet an
+    # anchor with IoU > 0.7, which a single octave-spaced size per level does not give RBCs.
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((32, 45), (64, 90), (128, 180), (256, 360))
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    train_min_sizes: tuple[int, ...] = (384, 416, 448, 480, 512, 544, 576, 608)
+    test_min_size: int = 480
+    max_size: int = 1024
+    image_mean: tuple[float, ...] = (0.66, 0.62, 0.70)
+    image_std: tuple[float, ...] = (0.18, 0.22, 0.16)
+    rpn_pre_nms_top_n_test: int = 600
+    rpn_post_nms_top_n_test: int = 300
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    box_head_convs: tuple[int, ...] = (128, 128)
+    box_head_fc: int = 512
+    box_batch_size_per_image: int = 256
+    box_nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    detection_threshold: float = 0.05
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ModelError(f"model card architecture has unknown keys: {sorted(unknown)}")
+        # JSON turns tuples into lists; the dataclass fields are tuples.
+        return cls(**{k: _tuplify(v) for k, v in d.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
+    if cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
+        raise ModelError(f"unsupported backbone {cfg.backbone!r}")
+    # Trained from scratch, so every layer trains and uses real BatchNorm (torchvision's
+    # detection default freezes BN, which only makes sense with ImageNet statistics).
+    body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    c = 1 if cfg.backbone != "resnet50" else 4
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128 * c, 256 * c, 512 * c],
+        out_channels=cfg.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d,
+    )
+
+
+def build_model(cfg: ModelConfig) -> FasterRCNN:
+    backbone = _backbone(cfg)
+    anchors = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,) * len(cfg.anchor_sizes))
+    rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
+    box_head = FastRCNNConvFCHead(
+        (cfg.fpn_channels, 7, 7), list(cfg.box_head_convs), [cfg.box_head_fc], norm_layer=nn.BatchNorm2d
+    )
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,
+        min_size=cfg.train_min_sizes,
+        max_size=cfg.max_size,
+        image_mean=list(cfg.image_mean),
+        image_std=list(cfg.image_std),
+        rpn_anchor_generator=anchors,
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.box_head_fc, len(CLASSES) + 1),
+        box_score_thresh=cfg.detection_threshold,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.detections_per_img,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+    )
+    set_inference_size(model, cfg)
+    return model
+
+
+def set_inference_size(model: FasterRCNN, cfg: ModelConfig) -> None:
+    """Eval mode resizes to the last of min_size; keep the training jitter list for train mode."""
+    model.transform.min_size = cfg.train_min_sizes if model.training else (cfg.test_min_size,)
+
+
+def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
+    """torchvision's output dict -> [(cls, score, x0, y0, x1, y1)], rounded to what the CSVs keep."""
+    boxes = d["boxes"].float().cpu().numpy().round(2).tolist()
+    scores = d["scores"].float().cpu().numpy().round(4).tolist()
+    return [(CLASSES[l - 1], s, *b) for b, s, l in zip(boxes, scores, d["labels"].cpu().tolist())]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    card_path = Path(model_dir) / CARD_NAME
+    try:
+        card = json.loads(card_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"no model card at {card_path}") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model card {card_path} is not valid JSON: {e}") from None
+    for key in ("architecture", "classes", "weights", "thresholds"):
+        if key not in card:
+            raise ModelError(f"model card {card_path} lacks '{key}'")
+    if tuple(card["classes"]) != CLASSES:
+        raise ModelError(f"model card classes {card['classes']} differ from {list(CLASSES)}")
+    return card
+
+
+def load_model(model_dir: Path) -> tuple[FasterRCNN, dict[str, Any]]:
+    """Build the network from the card and load its weights after checking their sha256."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    weights_path = model_dir / card["weights"]["file"]
+    if weights_path.parent.resolve() != model_dir.resolve():
+        raise ModelError(f"model card names weights outside {model_dir}: {card['weights']['file']}")
+    if not weights_path.is_file():
+        raise ModelError(f"weights file missing: {weights_path}")
+    digest = sha256_file(weights_path)
+    if digest != card["weights"]["sha256"]:
+        raise ModelError(
+            f"weights {weights_path} have sha256 {digest[:16]}…, the model card expects "
+            f"{card['weights']['sha256'][:16]}…: refusing to load"
+        )
+    cfg = ModelConfig.from_dict(card["architecture"])
+    model = build_model(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights_path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"weights do not fit the card's architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    set_inference_size(model, cfg)
+    return model, card
+
+
+def save_model(model: nn.Module, cfg: ModelConfig, model_dir: Path, card_extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the card and the weights: matrices and kernels in fp16, the small 1-D tensors (biases,
+    BatchNorm statistics, whose variances can overflow fp16) in fp32. Returns the card."""
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() and v.ndim >= 2 else v.detach().cpu()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    weights_path = model_dir / WEIGHTS_NAME
+    tmp = weights_path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(weights_path)
+    card = {
+        "name": card_extra.pop("name", "bccd-frcnn"),
+        "classes": list(CLASSES),
+        "architecture": cfg.to_dict(),
+        "input_size": [640, 480],
+        "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(weights_path), "dtype": "float16 (>=2-D tensors), float32 (1-D)"},
+        **card_extra,
+    }
+    card.setdefault("thresholds", {"detection": cfg.detection_threshold, "count": 0.5})
+    tmp = model_dir / (CARD_NAME + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(model_dir / CARD_NAME)
+    return card

@@ -1,0 +1,90 @@
+"""Render a run's files (CSVs, run.json) from the store. Every file is written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from .model import CLASSES
+
+DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
+COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES]
+SLIDE_COLUMNS = ["slide", "fields", "unreadable", *CLASSES, *(f"{c}_per_field" for c in CLASSES), "WBC_per_1000_RBC"]
+ERROR_COLUMNS = ["image", "reason"]
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _csv_text(columns: list[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
+    """Everything the run's files and report show, read once from the store."""
+    images = store.run_images(run_id, root)
+    ok = {r["rel"]: r for r in images if r["status"] == "ok"}
+    dets: dict[str, list[tuple]] = defaultdict(list)
+    for d in store.detections(root):
+        if d["rel"] in ok:
+            dets[d["rel"]].append((d["cls"], d["score"], d["x0"], d["y0"], d["x1"], d["y1"]))
+    counts = {rel: {c: sum(1 for d in dets[rel] if d[0] == c and d[1] >= count_threshold) for c in CLASSES}
+              for rel in ok}
+    slides: dict[str, dict] = {}
+    for r in images:
+        s = slides.setdefault(r["slide"], {"slide": r["slide"], "fields": 0, "unreadable": 0, **dict.fromkeys(CLASSES, 0)})
+        if r["status"] == "ok":
+            s["fields"] += 1
+            for c in CLASSES:
+                s[c] += counts[r["rel"]][c]
+        else:
+            s["unreadable"] += 1
+    for s in slides.values():
+        for c in CLASSES:
+            s[f"{c}_per_field"] = round(s[c] / s["fields"], 2) if s["fields"] else 0.0
+        s["WBC_per_1000_RBC"] = round(1000 * s["WBC"] / s["RBC"], 2) if s["RBC"] else None
+    return {"images": images, "detections": dets, "counts": counts, "slides": slides,
+            "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"]}
+
+
+def write_run_files(run_dir: Path, data: dict, info: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in data["images"] if r["status"] == "ok"]
+    atomic_write(run_dir / "detections.csv", _csv_text(DETECTION_COLUMNS, (
+        (r["rel"], r["slide"], r["width"], r["height"], d[0], f"{d[1]:.4f}", *(f"{v:.2f}" for v in d[2:]))
+        for r in ok for d in data["detections"][r["rel"]])))
+    atomic_write(run_dir / "counts.csv", _csv_text(COUNT_COLUMNS, (
+        (r["rel"], r["slide"], r["width"], r["height"], *(data["counts"][r["rel"]][c] for c in CLASSES)) for r in ok)))
+    atomic_write(run_dir / "slides.csv", _csv_text(SLIDE_COLUMNS, (
+        [s[c] if s[c] is not None else "" for c in SLIDE_COLUMNS] for _, s in sorted(data["slides"].items()))))
+    atomic_write(run_dir / "errors.csv", _csv_text(ERROR_COLUMNS, data["errors"]))
+    atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+def point_latest(out: Path, run_dir: Path) -> None:
+    """OUT/latest is a relative symlink to the newest run folder, swapped atomically."""
+    tmp = out / f".latest.tmp{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(run_dir, out), tmp)
+    os.replace(tmp, out / "latest")

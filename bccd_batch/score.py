@@ -1,0 +1,178 @@
+"""Score predictions against labels. Every evaluator follows one small interface:
+`reset()`, `process(key, gt_record, predictions)` once per labelled image, `evaluate() -> dict`.
+
+A prediction is `(cls, score, x0, y0, x1, y1)` in pixels; a ground-truth record is a `labels` record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .model import CLASSES
+
+COCO_STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+                   "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large"]
+
+
+class COCOEvaluator:
+    """The 12 COCO numbers and per-class AP/AP50 through pycocotools, on the labels as given."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._images: list[dict] = []
+        self._anns: list[dict] = []
+        self._dets: list[dict] = []
+
+    def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
+        image_id = len(self._images) + 1
+        self._images.append({"id": image_id, "file_name": key, "width": gt["width"], "height": gt["height"]})
+        for cls, x0, y0, x1, y1 in gt["boxes"]:
+            self._anns.append({
+                "id": len(self._anns) + 1, "image_id": image_id, "category_id": CLASSES.index(cls) + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+            })
+        for cls, score, x0, y0, x1, y1 in preds:
+            self._dets.append({"image_id": image_id, "category_id": CLASSES.index(cls) + 1,
+                               "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+
+    def evaluate(self) -> dict:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        gt = COCO()
+        gt.dataset = {"images": self._images, "annotations": self._anns,
+                      "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+            if not self._dets:
+                return {"stats": dict.fromkeys(COCO_STAT_NAMES, 0.0), "per_class": {}, "n_images": len(self._images)}
+            dt = gt.loadRes(self._dets)
+            ev = COCOeval(gt, dt, iouType="bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        # precision[T, R, K, A, M]: IoU thresholds x recall points x classes x area ranges x maxDets.
+        precision = ev.eval["precision"]
+        per_class = {}
+        for k, cls in enumerate(CLASSES):
+            all_t = precision[:, :, k, 0, -1]
+            at50 = precision[0, :, k, 0, -1]
+            per_class[cls] = {
+                "AP": _mean_valid(all_t),
+                "AP50": _mean_valid(at50),
+                # Recall points 0..1 step 0.01 at IoU 0.5: the PR curve the report draws.
+                "pr50": [round(float(p), 4) for p in at50],
+                "n_gt": sum(1 for a in self._anns if a["category_id"] == k + 1),
+            }
+        return {"stats": {n: float(v) for n, v in zip(COCO_STAT_NAMES, ev.stats)},
+                "per_class": per_class, "n_images": len(self._images)}
+
+
+def _mean_valid(a: np.ndarray) -> float:
+    """COCO marks 'no ground truth' with -1; a class with none gets -1, as pycocotools reports it."""
+    valid = a[a > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+class CountEvaluator:
+    """Per-image counting error per class at one score threshold."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self._diffs: dict[str, list[int]] = {c: [] for c in CLASSES}
+
+    def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
+        for cls in CLASSES:
+            n_gt = sum(1 for b in gt["boxes"] if b[0] == cls)
+            n_pred = sum(1 for p in preds if p[0] == cls and p[1] >= self.threshold)
+            self._diffs[cls].append(n_pred - n_gt)
+
+    def evaluate(self) -> dict:
+        out = {}
+        for cls, d in self._diffs.items():
+            a = np.asarray(d, dtype=float)
+            out[cls] = {"MAE": float(np.abs(a).mean()) if a.size else 0.0,
+                        "mean_signed_error": float(a.mean()) if a.size else 0.0}
+        return {"threshold": self.threshold, "per_class": out}
+
+
+def evaluate_all(evaluators: list, gt: dict[str, dict], preds: dict[str, list[tuple]]) -> list[dict]:
+    for ev in evaluators:
+        ev.reset()
+    for key in sorted(gt):
+        for ev in evaluators:
+            ev.process(key, gt[key], preds.get(key, []))
+    return [ev.evaluate() for ev in evaluators]
+
+
+def match_labels(label_keys: list[str], image_rels: list[str]) -> dict[str, str]:
+    """image rel -> label key: the same relative path, else the same file name when that is unique
+    on both sides (VOC labels name `BloodImage_00001.jpg`, a slide folder holds `slide1/BloodImage_00001.jpg`)."""
+    labels = set(label_keys)
+    by_name: dict[str, list[str]] = {}
+    for k in label_keys:
+        by_name.setdefault(PurePosixPath(k).name, []).append(k)
+    rel_names: dict[str, int] = {}
+    for r in image_rels:
+        rel_names[PurePosixPath(r).name] = rel_names.get(PurePosixPath(r).name, 0) + 1
+    out = {}
+    for r in image_rels:
+        name = PurePosixPath(r).name
+        if r in labels:
+            out[r] = r
+        elif len(by_name.get(name, [])) == 1 and rel_names[name] == 1:
+            out[r] = by_name[name][0]
+    return out
+
+
+def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
+    """Score a stored run against labels; writes metrics.json in the run folder and the store."""
+    from .labels import read_labels
+    from .outputs import atomic_write, gather
+    from .pipeline import STORE_NAME
+    from .store import Store
+
+    out = Path(out)
+    if run_name == "latest":
+        run_name = Path(os.readlink(out / "latest")).name if (out / "latest").is_symlink() else run_name
+    store = Store(out / STORE_NAME)
+    try:
+        run = store.run_by_name(run_name)
+        if run is None:
+            raise FileNotFoundError(f"no run named {run_name!r} in {out / STORE_NAME}")
+        labels = read_labels(labels_path)
+        info = json.loads(run["info"])
+        threshold = info["model"]["thresholds"]["count"]
+        data = gather(store, run["id"], run["slides_root"], threshold)
+        ok_rels = sorted(data["counts"])
+        matched = match_labels(list(labels.records), ok_rels)
+        gt = {rel: labels.records[key] for rel, key in matched.items()}
+        for rel, rec in gt.items():
+            if rec["width"] is None:  # labels without a size (some CSV/COCO files): use the image's
+                row = next(r for r in data["images"] if r["rel"] == rel)
+                gt[rel] = {**rec, "width": row["width"], "height": row["height"]}
+        preds = {rel: data["detections"][rel] for rel in gt}
+        coco, counting = evaluate_all([COCOEvaluator(), CountEvaluator(threshold)], gt, preds)
+        metrics = {
+            "run": run_name, "labels": str(labels_path), "n_images_scored": len(gt),
+            "unlabelled_images": sorted(set(ok_rels) - set(gt)),
+            "labels_without_image": sorted(set(labels.records) - set(matched.values())),
+            "label_warnings": labels.warnings, "label_counts": labels.counts(),
+            "coco": coco, "counting": counting,
+        }
+        store.save_metrics(run["id"], metrics)
+        atomic_write(out / "runs" / run_name / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        return metrics
+    finally:
+        store.close()

@@ -1,0 +1,254 @@
+"""Train the Faster R-CNN from scratch: dataset, one-epoch loop, evaluation, checkpoints.
+
+Recipe (from-scratch detection needs these, see He et al., "Rethinking ImageNet Pre-training"):
+trainable BatchNorm everywhere, strong augmentation, a long cosine schedule with warm-up, and an
+exponential moving average of the weights, which is what gets evaluated and exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from . import transforms as T
+from .decode import DecodeError, decode_file
+from .labels import LabelSet
+from .progress import Progress
+from .model import CLASSES, ModelConfig, build_model, detections_to_tuples, set_inference_size
+from .score import COCOEvaluator, evaluate_all
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 16
+    lr: float = 0.03
+    weight_decay: float = 4e-5
+    warmup_iters: int = 300
+    ema_decay: float = 0.998
+    eval_every: int = 10
+    workers: int = 8
+    seed: int = 0
+    amp: bool = True
+    # Seconds for the whole run: after three epochs the epoch count is cut to what fits, so the
+    # cosine schedule still ends at its floor when the time is up.
+    time_budget: float | None = None
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images decoded once into memory (BCCD-sized sets are small); augmentation per access."""
+
+    def __init__(self, labels: LabelSet, image_root: Path, train: bool):
+        self.train, self.items = train, []
+        self.warnings = list(labels.warnings)
+        for key in sorted(labels.records):
+            rec = labels.records[key]
+            try:
+                img = torch.from_numpy(decode_file(Path(image_root) / key)).permute(2, 0, 1).contiguous()
+            except (DecodeError, OSError) as e:
+                self.warnings.append(f"{key}: image unusable for training ({e}), skipped")
+                continue
+            boxes = torch.tensor([b[1:] for b in rec["boxes"]], dtype=torch.float32).reshape(-1, 4)
+            cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in rec["boxes"]], dtype=torch.int64)
+            self.items.append((key, img, boxes, cls))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        key, img, boxes, labels = self.items[i]
+        if self.train:
+            # The module-level generator: DataLoader seeds it per worker from the run's seed, and
+            # (unlike a generator built from the epoch number) it keeps advancing in persistent workers.
+            img, boxes, labels = T.augment(img, boxes, labels, random)
+        return img, {"boxes": boxes, "labels": labels, "key": key}
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def _to_float(img: torch.Tensor, device) -> torch.Tensor:
+    return img.to(device, non_blocking=True).float().div_(255)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_iters:
+        return cfg.lr * (0.001 + 0.999 * step / cfg.warmup_iters)
+    t = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+@torch.no_grad()
+def predict(model, dataset: DetectionDataset, device, batch_size: int = 8) -> dict[str, list[tuple]]:
+    model.eval()
+    out: dict[str, list[tuple]] = {}
+    for i in range(0, len(dataset.items), batch_size):
+        chunk = dataset.items[i:i + batch_size]
+        dets = model([_to_float(it[1], device) for it in chunk])
+        for it, d in zip(chunk, dets):
+            out[it[0]] = detections_to_tuples(d)
+    return out
+
+
+def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict:
+    preds = predict(model, dataset, device)
+    gt = {it[0]: labels.records[it[0]] for it in dataset.items}
+    (coco,) = evaluate_all([COCOEvaluator()], gt, preds)
+    return coco
+
+
+def _summary_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard not installed: no event files written", file=sys.stderr)
+        return None
+    return SummaryWriter(str(out_dir / "tb"))
+
+
+def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None, val_root: Path | None,
+          out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, device: str,
+          resume: Path | None = None, max_steps: int | None = None, log=print) -> dict:
+    """Train; writes out_dir/{last,best}.pt and history.json. Returns a summary dict."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(device)
+    use_amp = cfg.amp and dev.type == "cuda"
+    if dev.type == "cuda":
+        # Multi-scale training gives hundreds of input shapes; cudnn autotuning each one made
+        # training 10x slower on an H100 (measured), so leave it off.
+        torch.backends.cudnn.benchmark = False
+
+    train_ds = DetectionDataset(train_labels, train_root, train=True)
+    val_ds = DetectionDataset(val_labels, val_root, train=False) if val_labels else None
+    for w in train_ds.warnings + (val_ds.warnings if val_ds else []):
+        log(f"warning: {w}")
+    if len(train_ds) == 0:
+        raise ValueError("no usable training images")
+
+    model = build_model(model_cfg).to(dev)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    start_epoch, step, best_ap, history, bad_steps = 0, 0, -1.0, [], 0
+    if resume:
+        ck = torch.load(resume, map_location=dev, weights_only=True)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, step, best_ap, history = ck["epoch"], ck["step"], ck["best_ap"], json.loads(ck["history"])
+        log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
+        num_workers=cfg.workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+        persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    writer = _summary_writer(out_dir)
+    t_start = time.monotonic()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        set_inference_size(model, model_cfg)
+        prog = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
+        t0, n_img, sums = time.monotonic(), 0, {}
+        for images, targets in loader:
+            lr = lr_at(step, total_steps, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            images = [_to_float(im, dev) for im in images]
+            targets = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev)} for t in targets]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                # One bad batch early in from-scratch training should not end an hour-long run;
+                # a run that keeps diverging should.
+                bad_steps += 1
+                log(f"warning: non-finite loss at step {step}, batch skipped ({bad_steps} so far)")
+                if bad_steps > 20:
+                    raise FloatingPointError(f"loss non-finite {bad_steps} times by step {step}: lower --lr")
+                step += 1
+                continue
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            ema.update_parameters(model)
+            step += 1
+            n_img += len(images)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            prog.update(1, loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+            if writer and step % 10 == 0:
+                writer.add_scalar("train/lr", lr, step)
+                for k, v in losses.items():
+                    writer.add_scalar(f"train/{k}", v.item(), step)
+            if max_steps is not None and step >= max_steps:
+                break
+        prog.close()
+        n_steps = max(1, prog.n)
+        rec = {"epoch": epoch + 1, "step": step, "images_per_s": n_img / (time.monotonic() - t0),
+               **{k: v / n_steps for k, v in sums.items()}}
+        last_epoch = epoch + 1 == cfg.epochs or (max_steps is not None and step >= max_steps)
+        fit_budget = cfg.time_budget is not None and epoch + 1 - start_epoch == 3 and not last_epoch
+        eval_now = val_ds is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch or fit_budget)
+        train_seconds = time.monotonic() - t0
+        if eval_now:
+            t_eval = time.monotonic()
+            coco = evaluate(ema.module, val_ds, val_labels, dev)
+            eval_seconds = time.monotonic() - t_eval
+            rec.update({f"val_{k}": v for k, v in coco["stats"].items()})
+            rec.update({f"val_AP50_{c}": v["AP50"] for c, v in coco["per_class"].items()})
+            if writer:
+                for k, v in coco["stats"].items():
+                    writer.add_scalar(f"val/{k}", v, step)
+            if coco["stats"]["AP"] > best_ap:
+                best_ap = coco["stats"]["AP"]
+                torch.save({"model": ema.module.state_dict(), "epoch": epoch + 1, "val": coco["stats"],
+                            "model_config": json.dumps(model_cfg.to_dict())}, out_dir / "best.pt")
+        if fit_budget:
+            per_epoch = train_seconds + (eval_seconds / cfg.eval_every if val_ds else 0.0)
+            fits = epoch + 1 + int((cfg.time_budget - (time.monotonic() - t_start)) / per_epoch)
+            cfg.epochs = max(epoch + 2, min(cfg.epochs, fits))
+            total_steps = cfg.epochs * steps_per_epoch
+            log(f"time budget {cfg.time_budget:.0f}s: {per_epoch:.2f}s per epoch, training for {cfg.epochs} epochs")
+        history.append(rec)
+        log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if eval_now or last_epoch:  # a 185 MB checkpoint every 2-second epoch would cost 15% of the run
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1, "step": step, "best_ap": best_ap, "history": json.dumps(history),
+                        "model_config": json.dumps(model_cfg.to_dict())}, out_dir / "last.pt.tmp")
+            (out_dir / "last.pt.tmp").replace(out_dir / "last.pt")
+        if last_epoch:
+            break
+    if writer:
+        writer.close()
+    if not (out_dir / "best.pt").exists():
+        torch.save({"model": ema.module.state_dict(), "epoch": history[-1]["epoch"], "val": {},
+                    "model_config": json.dumps(model_cfg.to_dict())}, out_dir / "best.pt")
+    return {"best_val_AP": best_ap, "epochs": history[-1]["epoch"], "steps": step,
+            "train_seconds": time.monotonic() - t_start, "history": history}

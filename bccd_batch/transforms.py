@@ -1,0 +1,65 @@
+"""Training augmentation for blood smears: plain functions on (uint8 CHW image, Nx4 xyxy boxes, N labels).
+
+Smear fields have no canonical orientation, so all eight flips/90° rotations are equally valid;
+stain and illumination vary between labs, so colour jitter is strong; cells vary in size between
+scanners, which the model's multi-scale training resize covers. Scale is not done here.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+
+def hflip(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = img.shape[-1]
+    return img.flip(-1), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def vflip(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = img.shape[-2]
+    return img.flip(-2), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], 1)
+
+
+def rot90(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate 90° counter-clockwise: pixel (x, y) goes to (y, W - x)."""
+    w = img.shape[-1]
+    return img.rot90(1, (-2, -1)), torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], 1)
+
+
+def random_crop(img, boxes, labels, rng, min_scale=0.6, min_kept=0.35):
+    """Crop a random window; boxes keep their clipped part if at least `min_kept` of them remains."""
+    _, h, w = img.shape
+    s = rng.uniform(min_scale, 1.0)
+    cw, ch = int(w * s), int(h * rng.uniform(max(min_scale, s * 0.8), min(1.0, s * 1.25)))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    clipped = boxes.clone()
+    clipped[:, 0::2] = (boxes[:, 0::2] - x0).clamp(0, cw)
+    clipped[:, 1::2] = (boxes[:, 1::2] - y0).clamp(0, ch)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = kept >= min_kept * area
+    return img[:, y0:y0 + ch, x0:x0 + cw], clipped[keep], labels[keep]
+
+
+def colour_jitter(img: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    img = F.adjust_brightness(img, rng.uniform(0.75, 1.25))
+    img = F.adjust_contrast(img, rng.uniform(0.75, 1.25))
+    img = F.adjust_saturation(img, rng.uniform(0.6, 1.4))
+    img = F.adjust_hue(img, rng.uniform(-0.06, 0.06))
+    return img
+
+
+def augment(img, boxes, labels, rng: random.Random):
+    if rng.random() < 0.5:
+        img, boxes = hflip(img, boxes)
+    if rng.random() < 0.5:
+        img, boxes = vflip(img, boxes)
+    if rng.random() < 0.5:
+        img, boxes = rot90(img, boxes)
+    if rng.random() < 0.5:
+        img, boxes, labels = random_crop(img, boxes, labels, rng)
+    if rng.random() < 0.8:
+        img = colour_jitter(img, rng)
+    return img, boxes, labels

@@ -1,0 +1,1 @@
+"""The default model: weights (safetensors) and model card, shipped inside the package."""
