@@ -1,0 +1,44 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("BCCD_DATA", REPO.parent / "shared" / "data" / "bccd"))
+MODEL = REPO / "engines"
+
+
+@pytest.fixture(scope="session")
+def bccd() -> Path:
+    if not (DATA / "JPEGImages").is_dir():
+        pytest.fail(f"BCCD data not found at {DATA}; set BCCD_DATA")
+    return DATA
+
+
+def bccd_image(name: str) -> Path:
+    return DATA / "JPEGImages" / f"{name}.jpg"
+
+
+@pytest.fixture
+def slides(tmp_path, bccd) -> Path:
+    """Two slides of real BCCD fields (3 + 2 images)."""
+    root = tmp_path / "slides"
+    names = sorted(p.stem for p in (bccd / "JPEGImages").glob("*.jpg"))[:5]
+    for i, n in enumerate(names):
+        d = root / ("slide-A" if i < 3 else "slide-B")
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bccd_image(n), d / f"{n}.jpg")
+    return root
+
+
+def cli(*args, check_rc=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess, as cron would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
+    p = subprocess.run([sys.executable, "-m", "bccd_batch", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=env, **kw)
+    if check_rc is not None:
+        assert p.returncode == check_rc, f"rc {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
+    return p

@@ -1,0 +1,48 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from bccd_batch.model import ModelConfig, ModelError, build_model, load_model, read_card, save_model
+from conftest import MODEL
+
+
+def test_default_model_card_and_weights_agree():
+    card = read_card(MODEL)
+    model, _ = load_model(MODEL)
+    assert card["classes"] == ["RBC", "WBC", "Platelets"]
+    assert 0 < card["thresholds"]["detection"] < card["thresholds"]["count"] < 1
+    assert (MODEL / card["weights"]["file"]).stat().st_size <= 64 * 2**20
+    assert not model.training
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(MODEL, d, ignore=shutil.ignore_patterns("__*"))
+    with open(d / "model.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(d)
+
+
+def test_card_pointing_outside_its_folder_is_refused(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(MODEL, d, ignore=shutil.ignore_patterns("__*"))
+    card = json.loads((d / "model.json").read_text())
+    card["weights"]["file"] = "../model.safetensors"
+    (d / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="outside"):
+        load_model(d)
+
+
+def test_save_load_round_trip_is_fp16_close(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = build_model(cfg).eval()
+    card = save_model(model, cfg, tmp_path, {"name": "untrained test placeholder"})
+    loaded, card2 = load_model(tmp_path)
+    assert card2["weights"]["sha256"] == card["weights"]["sha256"]
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)

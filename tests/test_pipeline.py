@@ -1,0 +1,128 @@
+"""The nightly job end to end, through the real CLI in a subprocess, on real BCCD images."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from conftest import bccd_image, cli
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_run_outputs_rerun_and_full(slides, tmp_path):
+    (slides / "slide-B" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    p = cli("run", slides, "--out", out, "--device", "cpu", check_rc=3)
+    run_dir = out / "runs" / p.stdout.strip().split("/")[-1]
+    assert (out / "latest").resolve() == run_dir.resolve()
+    det = read_csv(run_dir / "detections.csv")
+    assert det[0] == ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
+    assert len(det) > 5 * 5 and {r[1] for r in det[1:]} == {"slide-A", "slide-B"}
+    counts = read_csv(run_dir / "counts.csv")
+    assert counts[0] == ["image", "slide", "width", "height", "RBC", "WBC", "Platelets"] and len(counts) == 6
+    assert all(int(r[4]) > 3 for r in counts[1:])  # every BCCD field has several RBCs
+    slides_csv = read_csv(run_dir / "slides.csv")
+    assert [r[:3] for r in slides_csv[1:]] == [["slide-A", "3", "0"], ["slide-B", "2", "1"]]
+    assert read_csv(run_dir / "errors.csv") == [["image", "reason"], ["slide-B/notes.jpg", "not a recognised image format"]]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["images"] == {"discovered": 6, "new": 5, "skipped": 0, "failed": 1}
+    assert info["model"]["sha256"] and info["engine"] == "torch-eager-fp32" and info["device"] == "cpu"
+
+    again = cli("run", slides, "--out", out, "--device", "cpu", check_rc=3)
+    info2 = json.loads((out / "latest" / "run.json").read_text())
+    assert info2["images"] == {"discovered": 6, "new": 0, "skipped": 5, "failed": 1}
+    assert "0 new" in again.stderr
+    assert read_csv(out / "latest" / "counts.csv") == counts
+
+    os.utime(slides / "slide-A" / sorted(os.listdir(slides / "slide-A"))[0])  # touched, same content
+    cli("run", slides, "--out", out, "--device", "cpu", check_rc=3)
+    assert json.loads((out / "latest" / "run.json").read_text())["images"]["new"] == 1
+
+    cli("run", slides, "--out", out, "--device", "cpu", "--full", check_rc=3)
+    assert json.loads((out / "latest" / "run.json").read_text())["images"]["new"] == 5
+    db = sqlite3.connect(out / "bccd-batch.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM runs WHERE status='finished'").fetchone()[0] == 4
+    assert db.execute("SELECT COUNT(DISTINCT rel) FROM detections").fetchone()[0] == 5
+
+
+def test_usage_errors_exit_2(tmp_path, slides):
+    assert cli("run", tmp_path / "missing", "--out", tmp_path / "o").returncode == 2
+    p = cli("run", slides, "--out", tmp_path / "o", "--engine", "warp-drive")
+    assert p.returncode == 2 and "unknown engine" in p.stderr and "Traceback" not in p.stderr
+    assert cli("run", slides, "--out", tmp_path / "o", "--labels", tmp_path / "nope").returncode == 2
+
+
+def _slow_folder(tmp_path, bccd, n):
+    root = tmp_path / "many"
+    names = sorted(p.name for p in (bccd / "JPEGImages").glob("*.jpg"))[:n]
+    for i, name in enumerate(names):
+        d = root / f"slide{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bccd / "JPEGImages" / name, d / name)
+    return root
+
+
+def _start(slides, out, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bccd_batch", "run", str(slides), "--out", str(out), "--device", "cpu",
+                             "--batch-size", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_rows(out, n, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            db = sqlite3.connect(out / "bccd-batch.sqlite", timeout=1)
+            if db.execute("SELECT COUNT(*) FROM images").fetchone()[0] >= n:
+                return
+        except sqlite3.Error:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError("run made no progress")
+
+
+def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
+    slides = _slow_folder(tmp_path, bccd, 10)
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
+
+    proc = _start(slides, out)
+    _wait_for_rows(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    partial = json.loads((out / "latest" / "run.json").read_text())
+    assert partial["status"] == "interrupted" and 2 <= partial["images"]["new"] < 10
+
+    cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
+    final = json.loads((out / "latest" / "run.json").read_text())
+    assert final["images"]["new"] + partial["images"]["new"] == 10
+    for name in ["detections.csv", "counts.csv", "slides.csv", "errors.csv"]:
+        assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
+
+
+def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, bccd):
+    slides = _slow_folder(tmp_path, bccd, 8)
+    out = tmp_path / "out"
+    first = _start(slides, out)
+    _wait_for_rows(out, 1, first)
+    t = time.time()
+    second = cli("run", slides, "--out", out, "--device", "cpu")
+    assert second.returncode == 75 and "another bccd-batch run" in second.stderr
+    assert time.time() - t < 30
+    first.send_signal(signal.SIGKILL)   # leaves the lock file behind, but not the lock
+    first.communicate()
+    cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
+    db = sqlite3.connect(out / "bccd-batch.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 8

@@ -1,0 +1,39 @@
+import pytest
+
+from bccd_batch.score import COCOEvaluator, CountEvaluator, evaluate_all
+
+GT = {"a.jpg": {"width": 640, "height": 480, "boxes": [("RBC", 100, 100, 200, 200), ("WBC", 300, 100, 460, 260)]},
+      "b.jpg": {"width": 640, "height": 480, "boxes": [("RBC", 10, 10, 110, 110), ("Platelets", 400, 400, 440, 440)]}}
+
+
+def as_preds(gt, score=0.9):
+    return {k: [(c, score, *b) for c, *b in v["boxes"]] for k, v in gt.items()}
+
+
+def test_predictions_equal_to_labels_give_ap_one():
+    coco, counts = evaluate_all([COCOEvaluator(), CountEvaluator(0.5)], GT, as_preds(GT))
+    assert coco["stats"]["AP"] == pytest.approx(1.0)
+    assert all(v["AP"] == pytest.approx(1.0) for v in coco["per_class"].values())
+    assert all(v["MAE"] == 0 for v in counts["per_class"].values())
+
+
+def test_shifted_box_iou_decides_the_threshold():
+    # Shift the RBC in a.jpg by 25 px: IoU = 75*100 / (2*100*100 - 75*100) = 0.6.
+    preds = as_preds(GT)
+    preds["a.jpg"][0] = ("RBC", 0.8, 125, 100, 225, 200)   # ranked after the exact RBC in b.jpg
+    coco, = evaluate_all([COCOEvaluator()], GT, preds)
+    rbc = coco["per_class"]["RBC"]
+    assert rbc["AP50"] == pytest.approx(1.0)
+    # IoU thresholds 0.50-0.60 (3 of 10): both RBCs found, AP 1. At 0.65-0.95: recall stops at 0.5
+    # with precision 1, so 51 of COCO's 101 recall points have precision 1.
+    assert rbc["AP"] == pytest.approx((3 * 1.0 + 7 * 51 / 101) / 10)
+
+
+def test_class_without_ground_truth_is_minus_one_and_count_errors_are_signed():
+    gt = {k: {**v, "boxes": [b for b in v["boxes"] if b[0] != "Platelets"]} for k, v in GT.items()}
+    preds = as_preds(gt)
+    preds["a.jpg"].append(("RBC", 0.3, 0, 0, 50, 50))     # below the count threshold
+    preds["b.jpg"].append(("RBC", 0.8, 300, 300, 350, 350))
+    coco, counts = evaluate_all([COCOEvaluator(), CountEvaluator(0.5)], gt, preds)
+    assert coco["per_class"]["Platelets"]["AP"] == -1.0
+    assert counts["per_class"]["RBC"] == {"MAE": 0.5, "mean_signed_error": 0.5}
