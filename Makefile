@@ -6,7 +6,7 @@ DATA   ?= ../shared/data/bccd
 SLIDES ?= $(DATA)/JPEGImages
 OUT    ?= results
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/bccd-batch run $(SLIDES) --out $(OUT) --labels $(DATA); rc=$$?; \
 	  if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
-	@echo "results: $(OUT)/latest"
+	@echo "report: $(OUT)/latest/report.html"
 
-test: install
+# The report is tested in a real browser: Debian's chromium, installed here when missing (root, as in CI).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "warning: chromium could not be installed; the browser test will be skipped"
+
+test: install chromium
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 clean:

@@ -178,7 +178,9 @@ def run(
             _score_run(out, result.name, labels)
         except LabelError as e:
             raise _fail(str(e))
+    report = _render(out, result.name)
     n = result.info["images"]
+    typer.echo(f"report: {report}", err=True)
     typer.echo(f"{result.info['status']}: {n['new']} new, {n['skipped']} unchanged, {n['failed']} failed "
                f"({result.info['images_per_s']} images/s) -> {result.run_dir}", err=True)
     typer.echo(str(result.run_dir))
@@ -194,6 +196,31 @@ def _score_run(out: Path, run_name: str, labels: Path) -> dict:
     return metrics
 
 
+def _render(out: Path, run_name: str) -> Path:
+    import time
+
+    from .report import render_run
+
+    t0 = time.monotonic()
+    path = render_run(out, run_name)
+    typer.echo(f"rendered {path} ({path.stat().st_size / 1e6:.1f} MB in {time.monotonic() - t0:.1f} s)", err=True)
+    return path
+
+
+@app.command(rich_help_panel="Nightly")
+def report(
+    run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
+) -> None:
+    """(Re)render OUT/runs/RUN/report.html and OUT/index.html from the store."""
+    from .score import resolve_run_name
+
+    try:
+        typer.echo(str(_render(out, resolve_run_name(out, run_name))))
+    except FileNotFoundError as e:
+        raise _fail(str(e))
+
+
 @app.command(rich_help_panel="Nightly")
 def score(
     run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
@@ -203,8 +230,12 @@ def score(
     """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""
     from .labels import LabelError
 
+    from .score import resolve_run_name
+
     try:
-        _score_run(out, run_name, labels)
+        name = resolve_run_name(out, run_name)
+        _score_run(out, name, labels)
+        _render(out, name)
     except (LabelError, FileNotFoundError) as e:
         raise _fail(str(e))
 

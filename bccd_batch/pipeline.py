@@ -24,6 +24,7 @@ from . import __version__
 from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
 from .engines import select_engine
+from .model import CLASSES
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
 from .store import Store
@@ -247,8 +248,9 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
             "timings": {"wall_seconds": round(elapsed, 3), "inference_seconds": round(infer_seconds, 3)},
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
-        store.finish_run(run_id, status, info["finished_utc"], info)
         data = gather(store, run_id, root, thresholds["count"])
+        info["totals"] = {c: sum(s[c] for s in data["slides"].values()) for c in CLASSES}
+        store.finish_run(run_id, status, info["finished_utc"], info)
         write_run_files(run_dir, data, info)
         point_latest(out, run_dir)
         store.close()

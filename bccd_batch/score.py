@@ -107,6 +107,64 @@ class CountEvaluator:
         return {"threshold": self.threshold, "per_class": out}
 
 
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class MatchEvaluator:
+    """Greedy one-to-one matching at IoU >= 0.5 of the detections kept for counting: per-image
+    TP/FP/FN/F1 (class-aware) and a confusion matrix over classes plus background (class-agnostic
+    matching, so a WBC called RBC shows up as confusion rather than as a miss and a false alarm)."""
+
+    def __init__(self, threshold: float, iou: float = 0.5) -> None:
+        self.threshold, self.iou = threshold, iou
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(CLASSES) + 1
+        self._confusion = [[0] * n for _ in range(n)]   # rows: ground truth, columns: prediction
+        self._per_image: dict[str, dict] = {}
+
+    def _match(self, gt_boxes, preds, same_class: bool) -> list[tuple[int, int]]:
+        pairs, used = [], set()
+        for pi, p in sorted(enumerate(preds), key=lambda x: -x[1][1]):
+            best, best_iou = None, self.iou
+            for gi, g in enumerate(gt_boxes):
+                if gi in used or (same_class and g[0] != p[0]):
+                    continue
+                iou = _iou(g[1:], p[2:])
+                if iou >= best_iou:
+                    best, best_iou = gi, iou
+            if best is not None:
+                used.add(best)
+                pairs.append((best, pi))
+        return pairs
+
+    def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
+        kept = [p for p in preds if p[1] >= self.threshold]
+        boxes = gt["boxes"]
+        tp = len(self._match(boxes, kept, same_class=True))
+        fp, fn = len(kept) - tp, len(boxes) - tp
+        f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+        self._per_image[key] = {"TP": tp, "FP": fp, "FN": fn, "F1": round(f1, 4)}
+        bg = len(CLASSES)
+        pairs = self._match(boxes, kept, same_class=False)
+        for gi, pi in pairs:
+            self._confusion[CLASSES.index(boxes[gi][0])][CLASSES.index(kept[pi][0])] += 1
+        for gi in set(range(len(boxes))) - {g for g, _ in pairs}:
+            self._confusion[CLASSES.index(boxes[gi][0])][bg] += 1
+        for pi in set(range(len(kept))) - {p for _, p in pairs}:
+            self._confusion[bg][CLASSES.index(kept[pi][0])] += 1
+
+    def evaluate(self) -> dict:
+        return {"threshold": self.threshold, "iou": self.iou, "labels": [*CLASSES, "background"],
+                "confusion": self._confusion, "per_image": self._per_image}
+
+
 def evaluate_all(evaluators: list, gt: dict[str, dict], preds: dict[str, list[tuple]]) -> list[dict]:
     for ev in evaluators:
         ev.reset()
@@ -136,6 +194,16 @@ def match_labels(label_keys: list[str], image_rels: list[str]) -> dict[str, str]
     return out
 
 
+def resolve_run_name(out: Path, run_name: str) -> str:
+    """'latest' -> the run OUT/latest points at; other names pass through."""
+    link = Path(out) / "latest"
+    if run_name != "latest":
+        return run_name
+    if not link.is_symlink():
+        raise FileNotFoundError(f"no runs yet in {out}")
+    return Path(os.readlink(link)).name
+
+
 def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
     """Score a stored run against labels; writes metrics.json in the run folder and the store."""
     from .labels import read_labels
@@ -144,8 +212,6 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
     from .store import Store
 
     out = Path(out)
-    if run_name == "latest":
-        run_name = Path(os.readlink(out / "latest")).name if (out / "latest").is_symlink() else run_name
     store = Store(out / STORE_NAME)
     try:
         run = store.run_by_name(run_name)
@@ -163,13 +229,16 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
                 row = next(r for r in data["images"] if r["rel"] == rel)
                 gt[rel] = {**rec, "width": row["width"], "height": row["height"]}
         preds = {rel: data["detections"][rel] for rel in gt}
-        coco, counting = evaluate_all([COCOEvaluator(), CountEvaluator(threshold)], gt, preds)
+        coco, counting, matching = evaluate_all(
+            [COCOEvaluator(), CountEvaluator(threshold), MatchEvaluator(threshold)], gt, preds)
         metrics = {
             "run": run_name, "labels": str(labels_path), "n_images_scored": len(gt),
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),
             "labels_without_image": sorted(set(labels.records) - set(matched.values())),
             "label_warnings": labels.warnings, "label_counts": labels.counts(),
-            "coco": coco, "counting": counting,
+            "coco": coco, "counting": counting, "matching": matching,
+            # Kept so the report can draw ground truth beside the predictions.
+            "ground_truth": {rel: rec["boxes"] for rel, rec in gt.items()},
         }
         store.save_metrics(run["id"], metrics)
         atomic_write(out / "runs" / run_name / "metrics.json", json.dumps(metrics, indent=1) + "\n")

@@ -37,3 +37,16 @@ def test_class_without_ground_truth_is_minus_one_and_count_errors_are_signed():
     coco, counts = evaluate_all([COCOEvaluator(), CountEvaluator(0.5)], gt, preds)
     assert coco["per_class"]["Platelets"]["AP"] == -1.0
     assert counts["per_class"]["RBC"] == {"MAE": 0.5, "mean_signed_error": 0.5}
+
+
+def test_match_counts_and_confusion():
+    from bccd_batch.score import MatchEvaluator
+
+    preds = as_preds(GT)
+    preds["a.jpg"][1] = ("RBC", 0.9, 300, 100, 460, 260)      # the WBC called RBC
+    preds["b.jpg"].append(("Platelets", 0.9, 600, 10, 620, 30))  # a false alarm
+    m, = evaluate_all([MatchEvaluator(0.5)], GT, preds)
+    assert m["per_image"]["a.jpg"] == {"TP": 1, "FP": 1, "FN": 1, "F1": 0.5}
+    assert m["per_image"]["b.jpg"] == {"TP": 2, "FP": 1, "FN": 0, "F1": 0.8}
+    conf = m["confusion"]   # rows GT RBC, WBC, Platelets, background; columns predictions
+    assert conf[1] == [1, 0, 0, 0] and conf[0][0] == 2 and conf[3] == [0, 0, 1, 0]
