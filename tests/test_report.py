@@ -102,3 +102,49 @@ def test_slide_flags_name_their_reason():
     bad = {**healthy, "unreadable": 2, "WBC": 0, "RBC_per_field": 1.5}
     names = [f for f, _ in slide_flags(bad, 1.2)]
     assert names == ["unreadable fields", "no WBC", "few cells", "low confidence"]
+
+
+def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
+    """metrics.json must agree with an independent pycocotools evaluation of detections.csv."""
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from bccd_batch.labels import read_labels
+
+    names = (bccd / "ImageSets/Main/val.txt").read_text().split()[:6]
+    slides = tmp_path / "val"
+    slides.mkdir()
+    for n in names:
+        shutil.copy(bccd_image(n), slides / f"{n}.jpg")
+    out = tmp_path / "out"
+    cli("run", slides, "--out", out, "--device", "cpu", "--labels", bccd, check_rc=0)
+    metrics = json.loads((out / "latest" / "metrics.json").read_text())
+    assert metrics["n_images_scored"] == 6
+
+    labels = read_labels(bccd)
+    cats = {"RBC": 1, "WBC": 2, "Platelets": 3}
+    images, anns = [], []
+    for i, n in enumerate(names, start=1):
+        rec = labels.records[f"{n}.jpg"]
+        images.append({"id": i, "file_name": f"{n}.jpg", "width": rec["width"], "height": rec["height"]})
+        for c, x0, y0, x1, y1 in rec["boxes"]:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cats[c], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    ids = {im["file_name"]: im["id"] for im in images}
+    with open(out / "latest" / "detections.csv", newline="") as f:
+        dets = [{"image_id": ids[r["image"]], "category_id": cats[r["class"]], "score": float(r["score"]),
+                 "bbox": [float(r["xmin"]), float(r["ymin"]), float(r["xmax"]) - float(r["xmin"]),
+                          float(r["ymax"]) - float(r["ymin"])]} for r in csv.DictReader(f)]
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": v, "name": k} for k, v in cats.items()]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    assert metrics["coco"]["stats"]["AP"] == pytest.approx(ev.stats[0], abs=1e-9)
+    assert metrics["coco"]["stats"]["AP50"] == pytest.approx(ev.stats[1], abs=1e-9)
+    assert metrics["coco"]["stats"]["AP"] > 0.4   # the embedded model is real, not a placeholder
