@@ -144,7 +144,7 @@ def run(
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
     labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
-    engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto or torch."),
+    engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
     device: str = typer.Option("auto", envvar="BCCD_BATCH_DEVICE", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
     full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
@@ -256,7 +256,15 @@ def info(model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL")) 
         lines += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     else:
         lines.append("CUDA: not available (engine 'torch' runs on the CPU)")
-    lines.append("engines: torch (eager, CPU and CUDA): available")
+    lines.append("engine torch (eager, CPU and CUDA): available")
+    lines.append("engine compiled (torch.compile + CUDA graphs, fp16): " +
+                 ("available" if torch.cuda.is_available() else "not available: needs a CUDA GPU"))
+    try:
+        import tensorrt
+
+        lines.append(f"engine tensorrt: tensorrt {tensorrt.__version__} imports; build with `bccd-batch build-engine`")
+    except ImportError:
+        lines.append("engine tensorrt: not available: the tensorrt package is not installed")
     model_dir = model or default_model_dir()
     try:
         card = read_card(model_dir)
@@ -267,8 +275,68 @@ def info(model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL")) 
     typer.echo("\n".join(lines))
 
 
+@app.command("build-engine", rich_help_panel="Model")
+def build_engine(
+    backend: str = typer.Option("tensorrt", help="tensorrt or compiled."),
+    precision: str = typer.Option("fp16", help="fp16 or fp32."),
+    max_batch: int = typer.Option(32, min=1),
+    model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
+) -> None:
+    """Build (and cache per GPU, backend version, model sha256, precision, batch range) a GPU engine."""
+    from .engines import EngineError
+
+    model_dir = model or default_model_dir()
+    try:
+        if backend == "tensorrt":
+            from .engines.tensorrt import build_all, engine_cache_root
+            from .model import load_model
+
+            m, card = load_model(model_dir)
+            manifest = build_all(m, card["weights"]["sha256"], engine_cache_root(), precision, max_batch)
+            typer.echo(json.dumps(manifest))
+        elif backend == "compiled":
+            import numpy as np
+
+            from .engines.split_engine import SplitEngine
+
+            eng = SplitEngine(model_dir, "cuda", max_batch, "compiled", precision)
+            eng.infer([np.zeros((480, 640, 3), np.uint8)] * max_batch)   # compiles and captures the graphs
+            typer.echo(f"compiled {eng.name} for batch {max_batch} (torch.compile caches it for this process' "
+                       "inductor cache)")
+        else:
+            raise _fail(f"unknown backend {backend!r} (tensorrt or compiled)")
+    except EngineError as e:
+        raise _fail(str(e))
+
+
+@app.command(rich_help_panel="Model")
+def bench(
+    images: int = typer.Option(10_000, min=1, help="Copies of BCCD images (distinct names) to run end to end."),
+    data: Path = typer.Option(DEFAULT_DATA, envvar="BCCD_DATA"),
+    device: str = typer.Option("auto"),
+    engines: str = typer.Option("torch:8,compiled:32,tensorrt:32", help="engine:batch pairs, comma-separated."),
+    model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
+) -> None:
+    """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
+    from .bench import run_bench, table
+
+    pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
+    rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs,
+                     log=lambda m: typer.echo(m, err=True))
+    typer.echo(table(rows))
+
+
+def _exit_on_signal(signum, frame) -> None:
+    # Until a run installs its own graceful handler (finish the batch, commit), a SIGTERM ends the
+    # process like Ctrl-C does: with its exit code, through `finally` blocks that release the lock.
+    raise SystemExit(128 + signum)
+
+
 def run_cli() -> None:
     """Console-script entry: any unexpected exception is exit 1 with a one-line message."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         app()
     except SystemExit:

@@ -171,7 +171,7 @@ def run(opts: RunOptions, log=print) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        engine = select_engine(opts.engine, opts.device, opts.model_dir, opts.batch_size)
+        engine = select_engine(opts.engine, opts.device, opts.model_dir, opts.batch_size, log=log)
         return _run_locked(opts, out, engine, log)
     finally:
         lock.close()
@@ -182,6 +182,8 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]
     store = Store(out / STORE_NAME)
+    if store.abandon_stale_runs():
+        log("an earlier run was killed before it finished; its committed batches are kept")
     root = str(Path(opts.slides).resolve())
     started = _utc_now()
     t0 = time.monotonic()

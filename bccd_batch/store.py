@@ -68,6 +68,10 @@ class Store:
         return _Transaction(self.db)
 
     # runs -----------------------------------------------------------------------------------
+    def abandon_stale_runs(self) -> int:
+        """Runs still 'running' while we hold OUT's lock died without finishing (SIGKILL, power loss)."""
+        return self.db.execute("UPDATE runs SET status='aborted' WHERE status='running'").rowcount
+
     def begin_run(self, name: str, started_utc: str, slides_root: str) -> int:
         cur = self.db.execute("INSERT INTO runs (name, started_utc, status, slides_root) VALUES (?, ?, 'running', ?)",
                               (name, started_utc, slides_root))

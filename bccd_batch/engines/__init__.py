@@ -21,14 +21,25 @@ class Engine(Protocol):
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]: ...
 
 
-ENGINE_CHOICES = ("auto", "torch")
+ENGINE_CHOICES = ("auto", "torch", "compiled", "tensorrt")
 
 
-def select_engine(name: str, device: str, model_dir: Path, batch_size: int) -> Engine:
-    """`auto` picks the fastest backend available here; today that is the torch backend on CUDA
-    if present, else on CPU."""
+def select_engine(name: str, device: str, model_dir: Path, batch_size: int, log=print) -> Engine:
+    """`auto`: TensorRT where it imports and a matching engine is built, else the compiled engine
+    on CUDA, else eager torch (on the CPU when there is no GPU). run.json records the choice."""
     if name not in ENGINE_CHOICES:
         raise EngineError(f"unknown engine {name!r} (choose from {', '.join(ENGINE_CHOICES)})")
-    from .torch_eager import TorchEngine
+    from .split_engine import SplitEngine
+    from .torch_eager import TorchEngine, resolve_device
 
+    if name == "torch":
+        return TorchEngine(model_dir, device=device, batch_size=batch_size)
+    if name in ("compiled", "tensorrt"):
+        return SplitEngine(model_dir, device, batch_size, name)
+    if resolve_device(device).type == "cuda":
+        for backend in ("tensorrt", "compiled"):
+            try:
+                return SplitEngine(model_dir, device, batch_size, backend)
+            except EngineError as e:
+                log(f"engine {backend} not used: {e}")
     return TorchEngine(model_dir, device=device, batch_size=batch_size)

@@ -48,9 +48,20 @@ class TorchEngine:
     @torch.inference_mode()
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
         out: list[list[tuple]] = []
-        for i in range(0, len(images), self.batch_size):
-            batch = [torch.from_numpy(a).to(self.dev).permute(2, 0, 1).float().div_(255)
-                     for a in images[i:i + self.batch_size]]
-            for d in self.model(batch):
-                out.append(detections_to_tuples(d))
+        i = 0
+        while i < len(images):
+            chunk = images[i:i + self.batch_size]
+            try:
+                batch = [torch.from_numpy(a).to(self.dev).permute(2, 0, 1).float().div_(255) for a in chunk]
+                dets = self.model(batch)
+            except torch.cuda.OutOfMemoryError:
+                # A huge field or a busy GPU: halve the batch and go on rather than lose the night.
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                torch.cuda.empty_cache()
+                warnings.warn(f"CUDA out of memory: batch size halved to {self.batch_size}")
+                continue
+            out.extend(detections_to_tuples(d) for d in dets)
+            i += len(chunk)
         return out

@@ -1,0 +1,64 @@
+"""Compiled backend: the split model's dense stages through torch.compile with CUDA graphs, fp16,
+channels_last, at one static batch size (short batches are padded, so no shape ever recompiles)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import load_model
+from . import EngineError
+from .split import NATIVE_HW, BoxStage, DenseStage, SplitDetector, infer_split
+
+
+class SplitEngine:
+    """Any split backend: `stages` maps the model to (dense, box) callables."""
+
+    def __init__(self, model_dir: Path, device: str, batch_size: int, backend: str, precision: str = "fp16"):
+        from .torch_eager import resolve_device
+
+        self.dev = resolve_device(device)
+        if self.dev.type != "cuda":
+            raise EngineError(f"the {backend} engine needs a CUDA GPU")
+        self.model, self.card = load_model(model_dir)
+        self.model.to(self.dev)
+        self.batch_size = batch_size
+        self.name = f"{backend}-{precision}"
+        self.device = str(self.dev)
+        self.device_name = torch.cuda.get_device_name(self.dev)
+        rois = batch_size * self.model.rpn._post_nms_top_n["testing"]
+        if backend == "compiled":
+            dense, box = self._compiled(precision)
+        elif backend == "tensorrt":
+            dense, box = self._tensorrt(model_dir, precision)
+        else:
+            raise EngineError(f"unknown split backend {backend!r}")
+        self.detector = SplitDetector(self.model, dense, box, self.dev, pad_rois_to=rois)
+
+    def _compiled(self, precision: str):
+        dtype = {"fp16": torch.float16, "fp32": torch.float32}[precision]
+        dense = DenseStage(self.model).eval().to(self.dev, dtype).to(memory_format=torch.channels_last)
+        box = BoxStage(self.model).eval().to(self.dev, dtype)
+        dense_c = torch.compile(dense, mode="reduce-overhead", dynamic=False, fullgraph=True)
+        box_c = torch.compile(box, mode="reduce-overhead", dynamic=False, fullgraph=True)
+        # CUDA-graph outputs are overwritten by the next replay: clone what the glue keeps.
+        return (lambda x: [o.clone() for o in dense_c(x.contiguous(memory_format=torch.channels_last))],
+                lambda r: [o.clone() for o in box_c(r.to(dtype))])
+
+    def _tensorrt(self, model_dir: Path, precision: str):
+        from .tensorrt import TensorRTStage, cached_engine_dir
+
+        d = cached_engine_dir(self.card["weights"]["sha256"], precision, self.batch_size)
+        if d is None:
+            raise EngineError("no TensorRT engine built for this GPU/model/precision: run `bccd-batch build-engine`")
+        return TensorRTStage(d / "dense.plan", self.dev), TensorRTStage(d / "box.plan", self.dev)
+
+    def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
+        # Pad to the static batch with blank native-size fields; their detections are dropped.
+        n = len(images)
+        native = sum(1 for a in images if a.shape[:2] == NATIVE_HW)
+        pad = (-native) % self.batch_size
+        blank = np.zeros((*NATIVE_HW, 3), np.uint8)
+        return infer_split(self.detector, self.model, list(images) + [blank] * pad, self.dev, self.batch_size)[:n]

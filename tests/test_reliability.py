@@ -1,0 +1,293 @@
+"""Faults injected for real: hostile files, killed runs, a full disk, fuzzed label files, a soak.
+
+Each test prints its figures (run pytest with -s, or read the summary lines in CI's log).
+"""
+
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import re
+import resource
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bccd_batch.labels import LabelError, read_labels
+from conftest import DATA, REPO, bccd_image, cli
+
+
+def summary(line: str) -> None:
+    sys.__stderr__.write(f"\n[reliability] {line}\n")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _encode(im, fmt, **kw):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_declaring(w: int, h: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+
+
+def _jpeg_declaring(w: int, h: int) -> bytes:
+    data = bytearray(bccd_image("BloodImage_00000").read_bytes())
+    i = data.index(b"\xff\xc0")          # baseline start-of-frame: length(2) precision(1) height(2) width(2)
+    data[i + 5:i + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+def hostile_corpus(root: Path) -> tuple[list[str], list[str]]:
+    """Writes bad and good files under root/slide*; returns (bad rel paths, good rel paths)."""
+    jpg = bccd_image("BloodImage_00000").read_bytes()
+    rgb = Image.open(io.BytesIO(jpg)).convert("RGB")
+    png, tif, bmp = _encode(rgb, "PNG"), _encode(rgb, "TIFF"), _encode(rgb, "BMP")
+    rng = random.Random(7)
+    bad = {
+        **{f"trunc_jpg_{n}.jpg": jpg[:n] for n in (2, 100, 1000, 5000, 20000)},
+        **{f"trunc_png_{n}.png": png[:n] for n in (8, 50, 500, 5000)},
+        **{f"trunc_tif_{n}.tif": tif[:n] for n in (10, 100, 2000)},
+        "trunc.bmp": bmp[:300],
+        "zero.jpg": b"", "zero.png": b"", "zero.TIFF": b"",
+        "random.jpg": rng.randbytes(4096), "random.tif": rng.randbytes(4096), "random.bmp": rng.randbytes(4096),
+        "page.png": b"<!DOCTYPE html><html><body><script>alert(1)</script></body></html>",
+        "notes.jpeg": b"just some text\n" * 20,
+        "drawing.jpg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        "archive.tif": gzip.compress(tif[:1000]),
+        "doc.png": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n",
+        "program.jpg": Path(sys.executable).read_bytes()[:8192],
+        "bomb.png": _encode(Image.new("1", (12000, 12000)), "PNG"),
+        "declared_20000.png": _png_declaring(20000, 20000),
+        "declared_huge.jpg": _jpeg_declaring(30000, 30000),
+        "one_pixel.png": _encode(Image.new("RGB", (1, 1)), "PNG"),
+        "bad_crc.png": png[:33] + b"\x00\x00\x00\x00" + png[37:],
+    }
+    good = {
+        "real.jpg": jpg,
+        "sixteen_bit.tif": _encode(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "TIFF"),
+        "float.tif": _encode(Image.fromarray(np.asarray(rgb.convert("L"), np.float32) / 255.0), "TIFF"),
+        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "name with spaces.jpg": jpg,
+        "ünïcødé-血.jpg": jpg,
+        "new\nline.jpg": jpg,
+        "<img src=x onerror=alert(1)>.png": png,
+        "trailing_garbage.jpg": jpg + b"garbage" * 10,
+    }
+    out_bad, out_good = [], []
+    for i, (name, data) in enumerate(bad.items()):
+        (root / f"slide{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"slide{i % 3}" / name).write_bytes(data)
+        out_bad.append(f"slide{i % 3}/{name}")
+    for name, data in good.items():
+        (root / "good").mkdir(parents=True, exist_ok=True)
+        (root / "good" / name).write_bytes(data)
+        out_good.append(f"good/{name}")
+    os.symlink(root / "nowhere.jpg", root / "slide0" / "dangling.jpg")
+    out_bad.append("slide0/dangling.jpg")
+    (root / "slide1" / "folder.jpg").mkdir()   # not a file: must not appear anywhere
+    if os.geteuid() != 0:                       # root reads anything, so this case only exists for users
+        p = root / "slide2" / "locked.jpg"
+        p.write_bytes(jpg)
+        p.chmod(0)
+        out_bad.append("slide2/locked.jpg")
+    return out_bad, out_good
+
+
+def test_hostile_corpus_every_input_accounted_for(tmp_path):
+    bad, good = hostile_corpus(tmp_path / "slides")
+    assert len(bad) >= 30
+    out = tmp_path / "out"
+    cli("run", tmp_path / "slides", "--out", out, "--device", "cpu", "--batch-size", "4", check_rc=3)
+    errors = {r[0]: r[1] for r in read_csv(out / "latest" / "errors.csv")[1:]}
+    counted = {r[0] for r in read_csv(out / "latest" / "counts.csv")[1:]}
+    assert set(errors) == set(bad), set(errors) ^ set(bad)
+    assert all(errors.values())
+    assert counted == set(good)
+    assert not any("folder.jpg" in r for r in set(errors) | counted)
+    db = sqlite3.connect(out / "bccd-batch.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == len(bad) + len(good)
+    html = (out / "latest" / "report.html").read_text()
+    assert "<img src=x onerror=alert(1)>" not in html and "&lt;img src=x onerror=alert(1)&gt;.png" in html
+    summary(f"hostile corpus: {len(bad)} bad files recorded with a reason, {len(good)} good files processed")
+
+
+def _fixture_folder(tmp_path, n):
+    root = tmp_path / "slides"
+    names = sorted((DATA / "JPEGImages").glob("*.jpg"))[:n]
+    for i, p in enumerate(names):
+        (root / f"s{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"s{i % 2}" / p.name).write_bytes(p.read_bytes())
+    return root
+
+
+def test_interrupts_lose_nothing_and_count_nothing_twice(tmp_path):
+    slides = _fixture_folder(tmp_path, 4)
+    ref = tmp_path / "ref"
+    cli("run", slides, "--out", ref, "--device", "cpu", "--batch-size", "1", check_rc=0)
+    ref_files = {n: read_csv(ref / "latest" / n) for n in ("detections.csv", "counts.csv", "slides.csv", "errors.csv")}
+    ref_rows = sqlite3.connect(ref / "bccd-batch.sqlite").execute("SELECT COUNT(*) FROM detections").fetchone()[0]
+    rng = random.Random(2026)
+    trials = 20
+    outcomes = {"SIGTERM": 0, "SIGKILL": 0, "finished first": 0}
+    for t in range(trials):
+        out = tmp_path / f"o{t}"
+        sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
+        proc = subprocess.Popen([sys.executable, "-m", "bccd_batch", "run", str(slides), "--out", str(out),
+                                 "--device", "cpu", "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(1.0, 7.0))   # start-up takes ~3 s here, so some kills land before any work
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            outcomes[sig.name] += 1
+        else:
+            outcomes["finished first"] += 1
+        proc.communicate(timeout=120)
+        if sig == signal.SIGTERM and proc.returncode not in (0, 143):
+            pytest.fail(f"trial {t}: SIGTERM gave exit {proc.returncode}")
+        cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
+        for name, rows in ref_files.items():
+            assert read_csv(out / "latest" / name) == rows, f"trial {t} ({sig.name}): {name} differs"
+        db = sqlite3.connect(out / "bccd-batch.sqlite")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM detections").fetchone()[0] == ref_rows, f"trial {t}: duplicates"
+        assert db.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0] == 0
+    summary(f"interrupts: {trials} trials {outcomes}; images lost 0, detections duplicated 0")
+
+
+def test_disk_full_fails_clearly_and_keeps_earlier_runs(tmp_path):
+    slides = _fixture_folder(tmp_path, 3)
+    out = tmp_path / "out"
+    cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
+    before = read_csv(out / "latest" / "counts.csv")
+    first_run = os.readlink(out / "latest")
+
+    def limit_file_size():
+        # Files may not grow past 16 kB: the store's WAL and the new run's CSVs hit it, like a full disk.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))
+
+    p = subprocess.run([sys.executable, "-m", "bccd_batch", "run", str(slides), "--out", str(out), "--device", "cpu",
+                        "--full"], capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and re.search(r"disk|full|too large|File too large", p.stderr, re.I), p.stderr
+    db = sqlite3.connect(out / "bccd-batch.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT status FROM runs ORDER BY id LIMIT 1").fetchone()[0] == "finished"
+    assert read_csv(out / "runs" / Path(first_run).name / "counts.csv") == before
+    cli("run", slides, "--out", out, "--device", "cpu", "--full", check_rc=0)   # and the next night works
+    summary(f"disk full: exit 1 with '{p.stderr.strip().splitlines()[-1][:90]}', store intact")
+
+
+def test_no_pickle_in_engines():
+    suspicious = [p for p in (REPO / "engines").rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")]
+    assert suspicious == []
+    assert "torch.load" not in (REPO / "bccd_batch" / "model.py").read_text()
+
+
+# Label readers under fuzzing: only LabelError may escape, and no key may leave the root.
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_num = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**12, 10**12), _text)
+
+
+def _keys_safe(labels):
+    return all(not k.startswith("/") and ".." not in k.split("/") for k in labels.records)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(_text, _num, _num, _text, _num, _num, _num, _num), max_size=8))
+def test_fuzz_csv(tmp_path, rows):
+    p = tmp_path / "l.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "width", "height", "class", "xmin", "ymin", "xmax", "ymax"])
+        w.writerows(rows)
+    try:
+        labels = read_labels(p)
+    except LabelError:
+        return
+    assert _keys_safe(labels)
+    for rec in labels.records.values():
+        for _, x0, y0, x1, y1 in rec["boxes"]:
+            assert x1 > x0 and y1 > y0 and all(np.isfinite([x0, y0, x1, y1]))
+
+
+_json = st.recursive(st.one_of(st.none(), st.booleans(), _num, _text),
+                     lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(_text, c, max_size=4)), max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(images=st.lists(st.fixed_dictionaries({"id": _json, "file_name": _json, "width": _json, "height": _json}), max_size=3),
+       anns=st.lists(st.fixed_dictionaries({"image_id": _json, "category_id": _json, "bbox": _json}), max_size=4),
+       cats=st.lists(st.fixed_dictionaries({"id": _json, "name": _json}), max_size=3))
+def test_fuzz_coco(tmp_path, images, anns, cats):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}, default=str))
+    try:
+        labels = read_labels(p)
+    except LabelError:
+        return
+    assert _keys_safe(labels)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.one_of(st.binary(max_size=300), _text.map(lambda s: f"<annotation><filename>{s}</filename></annotation>"),
+                     st.tuples(_text, _num, _num, _num, _num).map(
+                         lambda t: "<annotation><size><width>640</width><height>480</height></size><object><name>"
+                                   f"{t[0]}</name><bndbox><xmin>{t[1]}</xmin><ymin>{t[2]}</ymin><xmax>{t[3]}</xmax>"
+                                   f"<ymax>{t[4]}</ymax></bndbox></object></annotation>")))
+def test_fuzz_voc(tmp_path, doc):
+    (tmp_path / "a.xml").write_bytes(doc if isinstance(doc, bytes) else doc.encode("utf-8", "surrogatepass"))
+    try:
+        labels = read_labels(tmp_path)
+    except LabelError:
+        return
+    assert _keys_safe(labels)
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_soak_memory_and_fds_stay_flat(tmp_path):
+    """A few hundred images in-process (CI's size; the 10,000-image soak runs on the GPU)."""
+    from bccd_batch.pipeline import RunOptions, run
+
+    src = sorted((DATA / "JPEGImages").glob("*.jpg"))
+    warm, soak = tmp_path / "warm", tmp_path / "soak"
+    for i in range(16):
+        (warm / "s").mkdir(parents=True, exist_ok=True)
+        os.link(src[i], warm / "s" / f"w{i}.jpg")
+    n = int(os.environ.get("BCCD_SOAK_IMAGES", "200"))
+    for i in range(n):
+        (soak / f"s{i % 4}").mkdir(parents=True, exist_ok=True)
+        os.symlink(src[i % len(src)], soak / f"s{i % 4}" / f"f{i:05d}.jpg")
+    opts = dict(out=tmp_path / "out", model_dir=REPO / "engines", device="cpu", batch_size=4)
+    run(RunOptions(slides=warm, **opts), log=lambda m: None)
+    rss0, fds0 = _rss_mb(), len(os.listdir("/proc/self/fd"))
+    result = run(RunOptions(slides=soak, **opts), log=lambda m: None)
+    rss1, fds1 = _rss_mb(), len(os.listdir("/proc/self/fd"))
+    assert result.info["images"]["new"] == n
+    assert fds1 <= fds0 + 2
+    assert rss1 - rss0 < 150, (rss0, rss1)
+    summary(f"soak: {n} images, RSS {rss0:.0f} -> {rss1:.0f} MB, open fds {fds0} -> {fds1}")
