@@ -182,6 +182,11 @@ def read_csv(path: Path) -> LabelSet:
     return b.result()
 
 
+def _coco_id(v):
+    """COCO ids are ints (some tools write strings); anything else cannot identify an entry."""
+    return v if isinstance(v, (int, str)) and not isinstance(v, bool) else None
+
+
 def read_coco(path: Path) -> LabelSet:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -190,26 +195,30 @@ def read_coco(path: Path) -> LabelSet:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise LabelError(f"{path}: not a COCO file (no 'images' list)")
     b = _Builder(str(path))
-    cats = {c.get("id"): c.get("name", "") for c in data.get("categories", []) if isinstance(c, dict)}
+    categories = data.get("categories")
+    cats = {_coco_id(c.get("id")): str(c.get("name", "")) for c in (categories if isinstance(categories, list) else [])
+            if isinstance(c, dict) and _coco_id(c.get("id")) is not None}
     by_id: dict = {}
     for im in data["images"]:
-        if not isinstance(im, dict) or "id" not in im:
-            b.warn(f"{path.name}: image entry without id skipped")
+        if not isinstance(im, dict) or _coco_id(im.get("id")) is None:
+            b.warn(f"{path.name}: image entry without a valid id skipped")
             continue
         rec = b.image(str(im.get("file_name", "")), im.get("width"), im.get("height"))
         if rec is not None:
             by_id[im["id"]] = rec
-    for ann in data.get("annotations", []):
+    annotations = data.get("annotations")
+    for ann in annotations if isinstance(annotations, list) else []:
         if not isinstance(ann, dict):
             continue
-        rec = by_id.get(ann.get("image_id"))
+        rec = by_id.get(_coco_id(ann.get("image_id")))
         bbox = ann.get("bbox")
         if rec is None or not isinstance(bbox, list) or len(bbox) != 4:
             b.warn(f"{path.name}: annotation {ann.get('id')} has no valid image or bbox, dropped")
             continue
         x, y, w, h = bbox
         try:
-            b.box(rec, cats.get(ann.get("category_id"), str(ann.get("category_id"))), x, y, x + w, y + h,
+            cat = _coco_id(ann.get("category_id"))
+            b.box(rec, cats.get(cat, str(cat)), x, y, x + w, y + h,
                   where=f"{path.name} ({rec['file_name']})")
         except TypeError:
             b.warn(f"{path.name}: annotation {ann.get('id')} has non-numeric bbox, dropped")

@@ -27,11 +27,10 @@ from .engines import select_engine
 from .model import CLASSES
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
-from .store import Store
+from .store import STORE_NAME, Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 1, 2, 3, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-STORE_NAME = "bccd-batch.sqlite"
 
 
 class LockedError(Exception):

@@ -22,8 +22,7 @@ from . import __version__
 from .decode import DecodeError, decode_file
 from .model import CLASSES
 from .outputs import atomic_write, gather
-from .pipeline import STORE_NAME
-from .store import Store
+from .store import STORE_NAME, Store
 
 THUMB_WIDTH, FULL_WIDTH = 256, 640
 GALLERY_LIMIT, FULL_SIZE_LIMIT = 400, 40
@@ -163,7 +162,9 @@ def render_index(out: Path) -> Path:
             rows = store.db.execute("SELECT COUNT(*) FROM run_images WHERE run_id=?", (r["id"],)).fetchone()[0]
             metrics = store.metrics(r["id"])
             runs.append({"name": r["name"], "status": r["status"], "started": r["started_utc"],
-                         "slides_root": r["slides_root"], "images": info.get("images", {}), "covered": rows,
+                         "slides_root": r["slides_root"], "covered": rows,
+                         # A killed run never wrote its info: show it with what the store knows.
+                         "images": {"new": 0, "failed": 0, **info.get("images", {})},
                          "images_per_s": info.get("images_per_s"), "engine": info.get("engine"),
                          "totals": info.get("totals", {}),
                          "has_report": (out / "runs" / r["name"] / "report.html").is_file(),

@@ -208,8 +208,7 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
     """Score a stored run against labels; writes metrics.json in the run folder and the store."""
     from .labels import read_labels
     from .outputs import atomic_write, gather
-    from .pipeline import STORE_NAME
-    from .store import Store
+    from .store import STORE_NAME, Store
 
     out = Path(out)
     store = Store(out / STORE_NAME)

@@ -11,6 +11,8 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator
 
+STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,

@@ -3,6 +3,7 @@ channels_last, at one static batch size (short batches are padded, so no shape e
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ class SplitEngine:
 
     def _compiled(self, precision: str):
         dtype = {"fp16": torch.float16, "fp32": torch.float32}[precision]
-        dense = DenseStage(self.model).eval().to(self.dev, dtype).to(memory_format=torch.channels_last)
-        box = BoxStage(self.model).eval().to(self.dev, dtype)
+        # Copies: the eager model keeps its fp32 weights for fields of other sizes.
+        stages_model = copy.deepcopy(self.model)
+        dense = DenseStage(stages_model).eval().to(self.dev, dtype).to(memory_format=torch.channels_last)
+        box = BoxStage(stages_model).eval().to(self.dev, dtype)
         dense_c = torch.compile(dense, mode="reduce-overhead", dynamic=False, fullgraph=True)
         box_c = torch.compile(box, mode="reduce-overhead", dynamic=False, fullgraph=True)
         # CUDA-graph outputs are overwritten by the next replay: clone what the glue keeps.
