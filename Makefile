@@ -6,7 +6,7 @@ DATA   ?= ../shared/data/bccd
 SLIDES ?= $(DATA)/JPEGImages
 OUT    ?= results
 
-.PHONY: install demo test chromium clean
+.PHONY: install demo test chromium bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ chromium:
 
 test: install chromium
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# GPU throughput table (see BENCHMARKS.md); BENCH_IMAGES copies of BCCD images end to end.
+BENCH_IMAGES ?= 10000
+bench: install
+	$(BIN)/bccd-batch bench --images $(BENCH_IMAGES) --data $(DATA)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -152,6 +152,14 @@ def render_run(out: Path, run_name: str) -> Path:
     return path
 
 
+def _trend(runs: list[dict], key: str, label: str) -> dict:
+    """An SVG polyline (600x120 canvas) of one number across runs, oldest left."""
+    values = [r[key] or 0.0 for r in runs]
+    peak = max(values + [1e-9])
+    points = " ".join(f"{20 + 560 * i / max(1, len(values) - 1):.1f},{110 - 100 * v / peak:.1f}" for i, v in enumerate(values))
+    return {"label": label, "peak": peak, "points": points}
+
+
 def render_index(out: Path) -> Path:
     out = Path(out)
     store = Store(out / STORE_NAME)
@@ -172,11 +180,12 @@ def render_index(out: Path) -> Path:
     finally:
         store.close()
     trend = list(reversed(runs))
-    peak = max([r["images_per_s"] or 0 for r in trend] + [1e-9])
-    points = " ".join(f"{20 + 560 * i / max(1, len(trend) - 1):.1f},{110 - 100 * (r['images_per_s'] or 0) / peak:.1f}"
-                      for i, r in enumerate(trend))
-    html = _env().get_template("index.html").render(title="bccd-batch runs", runs=runs, trend_points=points,
-                                                   peak=peak, version=__version__)
+    for r in trend:
+        fields = r["covered"] - r["images"]["failed"]
+        r["cells_per_field"] = sum(r["totals"].values()) / fields if fields > 0 and r["totals"] else 0.0
+    charts = [_trend(trend, "images_per_s", "images/s"), _trend(trend, "cells_per_field", "cells per field")]
+    html = _env().get_template("index.html").render(title="bccd-batch runs", runs=runs, charts=charts,
+                                                   version=__version__)
     path = out / "index.html"
     atomic_write(path, html)
     return path

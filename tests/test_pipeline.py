@@ -126,3 +126,14 @@ def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, b
     db = sqlite3.connect(out / "bccd-batch.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 8
+
+
+def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("this machine has a GPU")
+    p = cli("run", slides, "--out", tmp_path / "o", "--device", "cuda", check_rc=0)
+    assert "no CUDA GPU is available" in p.stderr
+    assert json.loads((tmp_path / "o" / "latest" / "run.json").read_text())["device"] == "cpu"
