@@ -163,7 +163,10 @@ def test_interrupts_lose_nothing_and_count_nothing_twice(tmp_path):
         else:
             outcomes["finished first"] += 1
         proc.communicate(timeout=120)
-        if sig == signal.SIGTERM and proc.returncode not in (0, 143):
+        # A SIGTERM during interpreter start-up, before the CLI installs its handler, kills the process
+        # the default way (-15; a shell reports 143 for it too). That is only acceptable if no run began.
+        started = (out / "runs").exists()
+        if sig == signal.SIGTERM and proc.returncode not in (0, 143) and not (proc.returncode == -15 and not started):
             pytest.fail(f"trial {t}: SIGTERM gave exit {proc.returncode}")
         cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
         for name, rows in ref_files.items():
