@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BCCD_DATA", REPO.parent / "shared" / "data" / "bccd"))
 MODEL = REPO / "engines"
 
+# Figures tests measure (errors, counts, RSS...), printed once at the end of the run, where CI's log shows them.
+FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def bccd() -> Path:

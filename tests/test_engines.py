@@ -9,7 +9,7 @@ import torch
 from bccd_batch.decode import decode_file
 from bccd_batch.engines.split import BoxStage, DenseStage, SplitDetector, infer_split
 from bccd_batch.model import detections_to_tuples, load_model
-from conftest import DATA, MODEL
+from conftest import DATA, FIGURES, MODEL
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_onnx_graphs_match_pytorch(setup, tmp_path):
         want = DenseStage(model).eval()(x)
     got = dense_ort(x)
     rel = max(float((g - w).norm() / w.norm()) for g, w in zip(got, want))
-    print(f"\n[engines] ONNX dense stage max relative error vs PyTorch: {rel:.2e}")
+    FIGURES.append(f"engines: ONNX dense stage max relative error vs PyTorch {rel:.2e}")
     assert rel < 1e-4
     det = SplitDetector(model, dense_ort, box_ort, torch.device("cpu"))
     _assert_same_detections(infer_split(det, model, images, torch.device("cpu"), 2), ref, box_tol=0.05)
@@ -82,5 +82,5 @@ def test_compiled_engine_matches_eager(setup):
     got = eng.infer(images)
     counts = lambda dets: sorted(d[0] for d in dets if d[1] >= 0.6)
     same = sum(1 for g, r in zip(got, ref) if counts(g) == counts(r))
-    print(f"\n[engines] compiled fp16: identical per-image counts on {same}/{len(images)} images")
+    FIGURES.append(f"engines: compiled fp16 gave identical per-image counts on {same}/{len(images)} images")
     assert same == len(images)

@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bccd_batch.labels import LabelError, read_labels
-from conftest import DATA, REPO, bccd_image, cli
+from conftest import DATA, FIGURES, REPO, bccd_image, cli
 
 
 def summary(line: str) -> None:
-    sys.__stderr__.write(f"\n[reliability] {line}\n")
+    FIGURES.append(f"reliability: {line}")
 
 
 def read_csv(path):
