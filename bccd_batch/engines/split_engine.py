@@ -1,5 +1,6 @@
-"""Compiled backend: the split model's dense stages through torch.compile with CUDA graphs, fp16,
-channels_last, at one static batch size (short batches are padded, so no shape ever recompiles)."""
+"""The GPU engines built on the split model: `compiled` (the dense stages through torch.compile with
+CUDA graphs, fp16, channels_last) and `tensorrt` (the cached TensorRT engines). Both run at one static
+batch size: short batches are padded, so no shape ever recompiles or leaves the optimisation profile."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .split import NATIVE_HW, BoxStage, DenseStage, SplitDetector, infer_split
 
 
 class SplitEngine:
-    """Any split backend: `stages` maps the model to (dense, box) callables."""
+    """The split detector with the dense and box stages of one backend."""
 
     def __init__(self, model_dir: Path, device: str, batch_size: int, backend: str, precision: str = "fp16"):
         from .torch_eager import resolve_device
@@ -33,7 +34,7 @@ class SplitEngine:
         if backend == "compiled":
             dense, box = self._compiled(precision)
         elif backend == "tensorrt":
-            dense, box = self._tensorrt(model_dir, precision)
+            dense, box = self._tensorrt(precision)
         else:
             raise EngineError(f"unknown split backend {backend!r}")
         self.detector = SplitDetector(self.model, dense, box, self.dev, pad_rois_to=rois)
@@ -50,7 +51,7 @@ class SplitEngine:
         return (lambda x: [o.clone() for o in dense_c(x.contiguous(memory_format=torch.channels_last))],
                 lambda r: [o.clone() for o in box_c(r.to(dtype))])
 
-    def _tensorrt(self, model_dir: Path, precision: str):
+    def _tensorrt(self, precision: str):
         from .tensorrt import TensorRTStage, cached_engine_dir
 
         d = cached_engine_dir(self.card["weights"]["sha256"], precision, self.batch_size)
