@@ -112,7 +112,8 @@ def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
 
 
 def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, bccd):
-    slides = _slow_folder(tmp_path, bccd, 8)
+    # 24 fields at batch 1 keep the first run busy for well over the second one's start-up.
+    slides = _slow_folder(tmp_path, bccd, 24)
     out = tmp_path / "out"
     first = _start(slides, out)
     _wait_for_rows(out, 1, first)
@@ -125,7 +126,7 @@ def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, b
     cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
     db = sqlite3.connect(out / "bccd-batch.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 8
+    assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 24
 
 
 def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_path):
