@@ -19,7 +19,8 @@ import torch
 from .decode import decode_file
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """Resident set size of this process, from /proc."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -67,7 +68,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             mo = model_only(engine, images, batch, repeats=3)
-            rss0 = _rss_mb()
+            rss0 = rss_mb()
             out = Path(tmp) / f"out-{name}-{batch}"
             t = time.perf_counter()
             res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=name, device=device,
@@ -76,7 +77,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             rows.append({"engine": engine.name, "batch": batch, "model_only_img_s": round(mo, 1),
                          "end_to_end_img_s": round(e2e, 1), "images": n, "device": engine.device_name,
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
-                         "rss_start_mb": round(rss0), "rss_end_mb": round(_rss_mb()),
+                         "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()),
                          "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
             log(str(rows[-1]))
             del engine

@@ -229,7 +229,6 @@ def score(
 ) -> None:
     """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""
     from .labels import LabelError
-
     from .score import resolve_run_name
 
     try:

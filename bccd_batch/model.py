@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet
@@ -127,6 +128,11 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
 def set_inference_size(model: FasterRCNN, cfg: ModelConfig) -> None:
     """Eval mode resizes to the last of min_size; keep the training jitter list for train mode."""
     model.transform.min_size = cfg.train_min_sizes if model.training else (cfg.test_min_size,)
+
+
+def image_to_input(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An HxWx3 uint8 field as the float CHW tensor in [0, 1] that the eager model takes."""
+    return torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255)
 
 
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:

@@ -63,7 +63,8 @@ def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
         for c in CLASSES:
             s[f"{c}_per_field"] = round(s[c] / s["fields"], 2) if s["fields"] else 0.0
         s["WBC_per_1000_RBC"] = round(1000 * s["WBC"] / s["RBC"], 2) if s["RBC"] else None
-    return {"images": images, "detections": dets, "counts": counts, "slides": slides,
+    totals = {c: sum(s[c] for s in slides.values()) for c in CLASSES}
+    return {"images": images, "detections": dets, "counts": counts, "slides": slides, "totals": totals,
             "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"]}
 
 

@@ -24,7 +24,6 @@ from . import __version__
 from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
 from .engines import select_engine
-from .model import CLASSES
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
 from .store import STORE_NAME, Store
@@ -250,7 +249,7 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
         data = gather(store, run_id, root, thresholds["count"])
-        info["totals"] = {c: sum(s[c] for s in data["slides"].values()) for c in CLASSES}
+        info["totals"] = data["totals"]
         store.finish_run(run_id, status, info["finished_utc"], info)
         write_run_files(run_dir, data, info)
         point_latest(out, run_dir)

@@ -33,7 +33,6 @@ CLASS_COLOURS = {"RBC": "#D55E00", "WBC": "#0072B2", "Platelets": "#009E73"}
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(files("bccd_batch.templates"))),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = lambda v: "—" if v is None or v < 0 else f"{100 * v:.1f}"
     env.filters["num"] = lambda v, d=3: "—" if v is None or (isinstance(v, float) and v < 0) else f"{v:.{d}f}"
     return env
 
@@ -90,10 +89,11 @@ def build_context(store: Store, run_name: str) -> dict:
         near = sum(1 for r in rels for d in data["detections"][r] if 0.5 * thr["count"] <= d[1] < thr["count"])
         slides.append({**s, "flags": slide_flags(s, near / counted if counted else 0.0)})
 
+    gt_counts = {rel: {c: sum(1 for b in boxes if b[0] == c) for c in CLASSES} for rel, boxes in gt.items()}
+
     def badness(r):
         if r["rel"] in per_image:
-            gt_counts = {c: sum(1 for b in gt[r["rel"]] if b[0] == c) for c in CLASSES}
-            err = sum(abs(data["counts"][r["rel"]][c] - gt_counts[c]) for c in CLASSES)
+            err = sum(abs(data["counts"][r["rel"]][c] - gt_counts[r["rel"]][c]) for c in CLASSES)
             return (0, per_image[r["rel"]]["F1"], -err, r["rel"])
         return (1, 0.0, 0, r["rel"])
 
@@ -113,15 +113,12 @@ def build_context(store: Store, run_name: str) -> dict:
                 "thumb": thumb, "full": full, "counts": data["counts"][r["rel"]],
                 "pred": _boxes(data["detections"][r["rel"]], thr["count"]),
                 "gt": _boxes(gt[r["rel"]]) if r["rel"] in gt else None,
-                "match": per_image.get(r["rel"])}
-        if item["gt"] is not None:
-            item["gt_counts"] = {c: sum(1 for b in gt[r["rel"]] if b[0] == c) for c in CLASSES}
+                "match": per_image.get(r["rel"]), "gt_counts": gt_counts.get(r["rel"])}
         gallery.append(item)
 
-    totals = {c: sum(s[c] for s in data["slides"].values()) for c in CLASSES}
     return {
         "title": f"bccd-batch report {run_name}", "run": info, "run_name": run_name, "version": __version__,
-        "classes": CLASSES, "colours": CLASS_COLOURS, "slides": slides, "totals": totals,
+        "classes": CLASSES, "colours": CLASS_COLOURS, "slides": slides, "totals": data["totals"],
         "fields": sum(s["fields"] for s in data["slides"].values()), "gallery": gallery,
         "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics,
         "gallery_limit": GALLERY_LIMIT, "full_size_limit": FULL_SIZE_LIMIT,

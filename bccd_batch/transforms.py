@@ -43,7 +43,7 @@ def random_crop(img, boxes, labels, rng, min_scale=0.6, min_kept=0.35):
     return img[:, y0:y0 + ch, x0:x0 + cw], clipped[keep], labels[keep]
 
 
-def colour_jitter(img: torch.Tensor, rng: random.Random) -> torch.Tensor:
+def colour_jitter(img: torch.Tensor, rng) -> torch.Tensor:
     img = F.adjust_brightness(img, rng.uniform(0.75, 1.25))
     img = F.adjust_contrast(img, rng.uniform(0.75, 1.25))
     img = F.adjust_saturation(img, rng.uniform(0.6, 1.4))
@@ -51,7 +51,8 @@ def colour_jitter(img: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return img
 
 
-def augment(img, boxes, labels, rng: random.Random):
+def augment(img, boxes, labels, rng):
+    """`rng`: the `random` module or a `random.Random` (anything with random/uniform/randint)."""
     if rng.random() < 0.5:
         img, boxes = hflip(img, boxes)
     if rng.random() < 0.5:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import bccd_image, cli
+from conftest import cli
 
 
 def read_csv(path):

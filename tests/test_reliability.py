@@ -271,12 +271,9 @@ def test_fuzz_voc(tmp_path, doc):
     assert _keys_safe(labels)
 
 
-def _rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def test_soak_memory_and_fds_stay_flat(tmp_path):
     """A few hundred images in-process (CI's size; the 10,000-image soak runs on the GPU)."""
+    from bccd_batch.bench import rss_mb
     from bccd_batch.pipeline import RunOptions, run
 
     src = sorted((DATA / "JPEGImages").glob("*.jpg"))
@@ -290,9 +287,9 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
         os.symlink(src[i % len(src)], soak / f"s{i % 4}" / f"f{i:05d}.jpg")
     opts = dict(out=tmp_path / "out", model_dir=REPO / "engines", device="cpu", batch_size=4)
     run(RunOptions(slides=warm, **opts), log=lambda m: None)
-    rss0, fds0 = _rss_mb(), len(os.listdir("/proc/self/fd"))
+    rss0, fds0 = rss_mb(), len(os.listdir("/proc/self/fd"))
     result = run(RunOptions(slides=soak, **opts), log=lambda m: None)
-    rss1, fds1 = _rss_mb(), len(os.listdir("/proc/self/fd"))
+    rss1, fds1 = rss_mb(), len(os.listdir("/proc/self/fd"))
     assert result.info["images"]["new"] == n
     assert fds1 <= fds0 + 2
     assert rss1 - rss0 < 150, (rss0, rss1)

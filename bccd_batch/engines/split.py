@@ -23,7 +23,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..model import detections_to_tuples
+from ..model import detections_to_tuples, image_to_input
 
 NATIVE_HW = (480, 640)
 
@@ -109,6 +109,5 @@ def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndar
     with torch.inference_mode():
         for i, a in enumerate(images):
             if out[i] is None:
-                x = torch.from_numpy(a).to(device).permute(2, 0, 1).float().div_(255)
-                out[i] = detections_to_tuples(model([x])[0])
+                out[i] = detections_to_tuples(model([image_to_input(a, device)])[0])
     return out  # type: ignore[return-value]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import detections_to_tuples, load_model
+from ..model import detections_to_tuples, image_to_input, load_model
 from . import EngineError
 
 
@@ -52,7 +52,7 @@ class TorchEngine:
         while i < len(images):
             chunk = images[i:i + self.batch_size]
             try:
-                batch = [torch.from_numpy(a).to(self.dev).permute(2, 0, 1).float().div_(255) for a in chunk]
+                batch = [image_to_input(a, self.dev) for a in chunk]
                 dets = self.model(batch)
             except torch.cuda.OutOfMemoryError:
                 # A huge field or a busy GPU: halve the batch and go on rather than lose the night.
