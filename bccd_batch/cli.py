@@ -70,6 +70,8 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     backbone: str = typer.Option("resnet18"),
+    mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
+    input_size: int = typer.Option(480, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (smoke runs)."),
     time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count is fitted to it after 3 epochs."),
@@ -94,8 +96,8 @@ def train(
     if not image_root.is_dir():
         raise _fail(f"image folder not found: {image_root}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, workers=workers,
-                      eval_every=eval_every, seed=seed, time_budget=time_budget)
-    model_cfg = ModelConfig(backbone=backbone)
+                      eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic)
+    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
                f"{len(val_labels.records) if val_labels else 0}", err=True)
     summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,
@@ -145,7 +147,8 @@ def run(
     labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
     engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
-    device: str = typer.Option("auto", envvar="BCCD_BATCH_DEVICE", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", "--devices", envvar="BCCD_BATCH_DEVICE",
+                               help="auto, cpu, cuda, cuda:N, a list (cuda:0,cuda:1: one worker process each) or all."),
     batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
     full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
     decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images."),
@@ -314,13 +317,14 @@ def bench(
     data: Path = typer.Option(DEFAULT_DATA, envvar="BCCD_DATA"),
     device: str = typer.Option("auto"),
     engines: str = typer.Option("torch:8,compiled:32,tensorrt:32", help="engine:batch pairs, comma-separated."),
+    devices: list[str] = typer.Option([], help="Also run the last engine end to end on these devices (cuda:0,cuda:1 or all); repeatable."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
     from .bench import run_bench, table
 
     pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
-    rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs,
+    rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
                      log=lambda m: typer.echo(m, err=True))
     typer.echo(table(rows))
 

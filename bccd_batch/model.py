@@ -70,6 +70,20 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def for_input_size(cls, short_side: int, **kw: Any) -> "ModelConfig":
+        """The defaults (made for fields resized to a 480-pixel short side) scaled to `short_side`:
+        upsampling gives platelets (~35 px at 480) more feature-map cells, and scaling the anchors,
+        training sizes and size cap with it keeps every cell type matched the same way."""
+        base, f = cls(), short_side / cls().test_min_size
+        return cls(
+            test_min_size=short_side,
+            train_min_sizes=tuple(sorted({int(round(s * f / 32)) * 32 for s in base.train_min_sizes})),
+            anchor_sizes=tuple(tuple(int(round(a * f)) for a in lvl) for lvl in base.anchor_sizes),
+            max_size=int(round(base.max_size * f)),
+            **kw,
+        )
+
 
 def _tuplify(v: Any) -> Any:
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v

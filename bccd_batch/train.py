@@ -39,6 +39,7 @@ class TrainConfig:
     workers: int = 8
     seed: int = 0
     amp: bool = True
+    mosaic: float = 0.0           # probability that a training sample is a 2x2 mosaic of four fields
     # Seconds for the whole run: after three epochs the epoch count is cut to what fits, so the
     # cosine schedule still ends at its floor when the time is up.
     time_budget: float | None = None
@@ -47,8 +48,8 @@ class TrainConfig:
 class DetectionDataset(torch.utils.data.Dataset):
     """Images decoded once into memory (BCCD-sized sets are small); augmentation per access."""
 
-    def __init__(self, labels: LabelSet, image_root: Path, train: bool):
-        self.train, self.items = train, []
+    def __init__(self, labels: LabelSet, image_root: Path, train: bool, mosaic: float = 0.0):
+        self.train, self.mosaic, self.items = train, mosaic, []
         self.warnings = list(labels.warnings)
         for key in sorted(labels.records):
             rec = labels.records[key]
@@ -69,6 +70,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         if self.train:
             # The module-level generator: DataLoader seeds it per worker from the run's seed, and
             # (unlike a generator built from the epoch number) it keeps advancing in persistent workers.
+            if random.random() < self.mosaic:
+                others = [self.items[random.randrange(len(self.items))] for _ in range(3)]
+                img, boxes, labels = T.mosaic([(img, boxes, labels)] + [o[1:] for o in others], random)
             img, boxes, labels = T.augment(img, boxes, labels, random)
         return img, {"boxes": boxes, "labels": labels, "key": key}
 
@@ -140,21 +144,25 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         # training 10x slower on an H100 (measured), so leave it off.
         torch.backends.cudnn.benchmark = False
 
-    train_ds = DetectionDataset(train_labels, train_root, train=True)
+    train_ds = DetectionDataset(train_labels, train_root, train=True, mosaic=cfg.mosaic)
     val_ds = DetectionDataset(val_labels, val_root, train=False) if val_labels else None
     for w in train_ds.warnings + (val_ds.warnings if val_ds else []):
         log(f"warning: {w}")
     if len(train_ds) == 0:
         raise ValueError("no usable training images")
 
+    ck = torch.load(resume, map_location=dev, weights_only=True) if resume else None
+    if ck is not None:
+        # The checkpoint's architecture wins: resuming with other --backbone/--input-size flags
+        # would otherwise fail to load, or train a different network than the one saved.
+        model_cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
     model = build_model(model_cfg).to(dev)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     start_epoch, step, best_ap, history, bad_steps = 0, 0, -1.0, [], 0
-    if resume:
-        ck = torch.load(resume, map_location=dev, weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
