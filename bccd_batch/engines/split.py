@@ -8,8 +8,9 @@ proposal top-k + NMS, MultiScaleRoIAlign and the final per-class NMS. They have 
 TensorRT form worth having (TensorRT's own NMS is slower than torchvision's, and its NMS/RoIAlign
 plugins are deprecated), so no backend needs plugins.
 
-The split computes exactly what the eager model computes for images of the native size; other
-sizes (and portrait fields) go through the eager model, which resizes as it was trained to.
+The split computes what the eager model computes for fields of the native size, including its
+resize to the model's test size (inside DenseStage, so it stays one static graph); other sizes (and
+portrait fields) go through the eager model.
 """
 
 from __future__ import annotations
@@ -19,13 +20,24 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import nms, remove_small_boxes
+from torchvision.ops.boxes import clip_boxes_to_image
 
 from ..model import detections_to_tuples, image_to_input
 
 NATIVE_HW = (480, 640)
+
+
+def model_input_geometry(model: FasterRCNN) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized, padded) height x width that the eager model's transform gives a native field:
+    read off the transform itself, so the split can never drift from its rounding rules."""
+    with torch.no_grad():
+        batch, _ = model.transform([torch.zeros(3, *NATIVE_HW)])
+    return tuple(batch.image_sizes[0]), tuple(batch.tensors.shape[-2:])  # type: ignore[return-value]
 
 
 class DenseStage(nn.Module):
@@ -37,11 +49,19 @@ class DenseStage(nn.Module):
         t = model.transform
         self.register_buffer("mean", torch.tensor(t.image_mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(t.image_std).view(1, 3, 1, 1) * 255.0)
+        self.resized_hw, self.padded_hw = model_input_geometry(model)
         self.backbone = model.backbone
         self.rpn_head = model.rpn.head
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Same order as torchvision's transform: normalise, resize bilinearly, zero-pad to a
+        # multiple of 32 at the bottom/right.
         x = (images_u8.to(self.mean.dtype) - self.mean) / self.std
+        if tuple(x.shape[-2:]) != self.resized_hw:
+            x = F.interpolate(x, size=self.resized_hw, mode="bilinear", align_corners=False)
+        (h, w), (ph, pw) = self.resized_hw, self.padded_hw
+        if (ph, pw) != (h, w):
+            x = F.pad(x, (0, pw - w, 0, ph - h))
         feats = list(self.backbone(x).values())
         objectness, deltas = self.rpn_head(feats)
         return (*feats[:3], *objectness, *deltas)
@@ -61,39 +81,115 @@ def dense_output_names(n_levels: int = 4) -> list[str]:
     return [f"fpn{i}" for i in range(3)] + [f"objectness{i}" for i in range(n_levels)] + [f"deltas{i}" for i in range(n_levels)]
 
 
+def _nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, group: torch.Tensor, thresh: float) -> torch.Tensor:
+    """NMS within each group in one call, by moving each group to its own coordinate range (the
+    trick torchvision's batched_nms uses). In float64, because with a batch of images x levels
+    the offsets reach ~10^5, where float32 would round coordinates by 1/64 px and change IoUs."""
+    offsets = group.to(torch.float64) * (boxes.max().to(torch.float64) + 1)
+    return nms(boxes.to(torch.float64) + offsets[:, None], scores.to(torch.float64), thresh)
+
+
+def _top_k_per_image(keep: torch.Tensor, image: torch.Tensor, n_images: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From `keep` (indices by decreasing score, as NMS returns them) the first k of each image,
+    grouped by image in score order, and how many each image kept."""
+    image = image[keep]
+    order = torch.sort(image, stable=True).indices
+    keep, image = keep[order], image[order]
+    counts = torch.bincount(image, minlength=n_images)
+    rank = torch.arange(len(keep), device=keep.device) - (torch.cumsum(counts, 0) - counts)[image]
+    sel = rank < k
+    return keep[sel], counts.clamp(max=k)
+
+
 class SplitDetector:
     """Runs the split model with pluggable dense and box stages (eager modules, ONNX sessions,
-    TensorRT engines or compiled graphs: any callable with the stages' signatures)."""
+    TensorRT engines or compiled graphs: any callable with the stages' signatures).
+
+    The glue between the stages computes what torchvision's RPN and RoI heads compute, but for the
+    whole batch at once: torchvision loops over images with a dozen small kernels each, which at
+    batch 32 costs more GPU time than the networks themselves."""
 
     def __init__(self, model: FasterRCNN, dense: Callable[[torch.Tensor], Sequence[torch.Tensor]],
                  box: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                  pad_rois_to: int | None = None):
         self.model, self.dense, self.box, self.device = model, dense, box, device
+        self.resized_hw, self.padded_hw = model_input_geometry(model)
         # Static box graphs (CUDA graphs) need a fixed RoI count: pad with empty boxes, drop after.
         self.pad_rois_to = pad_rois_to
+        self._anchors: dict[int, torch.Tensor] = {}
+
+    def _batch_anchors(self, n: int, fpn: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
+        """Anchors depend only on the (fixed) geometry: made once per batch size, not per batch."""
+        if n not in self._anchors:
+            # The anchor generator only reads the padded batch's shape: a zero-stride view will do.
+            placeholder = fpn[0].new_empty(()).expand(n, 3, *self.padded_hw)
+            anchors = self.model.rpn.anchor_generator(ImageList(placeholder, [self.resized_hw] * n), fpn + [last])
+            self._anchors = {n: torch.cat(anchors)}
+        return self._anchors[n]
+
+    def _proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], fpn: list[torch.Tensor]):
+        """RegionProposalNetwork.filter_proposals for the batch: per-level top-k, clip, drop small
+        and low boxes, NMS per image and level, best post_nms_top_n per image."""
+        rpn, n = self.model.rpn, objectness[0].shape[0]
+        per_level = [o[0].numel() for o in objectness]
+        obj, dl = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode_single(dl, self._batch_anchors(n, fpn, objectness[-1])).view(n, -1, 4)
+        obj = obj.view(n, -1)
+        top = rpn._get_top_n_idx(obj, per_level)
+        levels = torch.repeat_interleave(torch.arange(len(per_level), device=obj.device),
+                                         torch.tensor(per_level, device=obj.device))[top]
+        rows = torch.arange(n, device=obj.device)[:, None]
+        boxes = clip_boxes_to_image(proposals[rows, top], self.resized_hw).reshape(-1, 4)
+        scores = torch.sigmoid(obj[rows, top]).reshape(-1)
+        image = rows.expand_as(top).reshape(-1)
+        levels = levels.reshape(-1)
+        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        ok = torch.where((ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh))[0]
+        boxes, scores, image, levels = boxes[ok], scores[ok], image[ok], levels[ok]
+        keep = _nms_per_group(boxes, scores, image * len(per_level) + levels, rpn.nms_thresh)
+        keep, counts = _top_k_per_image(keep, image, n, rpn.post_nms_top_n())
+        return list(boxes[keep].split(counts.tolist()))
+
+    def _detections(self, logits: torch.Tensor, box_deltas: torch.Tensor, proposals: list[torch.Tensor], n: int):
+        """RoIHeads.postprocess_detections for the batch: decode, clip, drop background, low and
+        empty boxes, NMS per image and class, best detections_per_img per image."""
+        heads = self.model.roi_heads
+        n_cls = logits.shape[-1]
+        boxes = clip_boxes_to_image(heads.box_coder.decode(box_deltas, proposals), self.resized_hw)[:, 1:]
+        scores = torch.softmax(logits, -1)[:, 1:]
+        per_image = torch.tensor([len(p) for p in proposals], device=logits.device)
+        image = torch.repeat_interleave(torch.arange(n, device=logits.device), per_image)[:, None].expand_as(scores)
+        labels = torch.arange(1, n_cls, device=logits.device).expand_as(scores)
+        boxes, scores, image, labels = boxes.reshape(-1, 4), scores.reshape(-1), image.reshape(-1), labels.reshape(-1)
+        ok = torch.where(scores > heads.score_thresh)[0]
+        boxes, scores, image, labels = boxes[ok], scores[ok], image[ok], labels[ok]
+        ok = remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, image, labels = boxes[ok], scores[ok], image[ok], labels[ok]
+        keep = _nms_per_group(boxes, scores, image * n_cls + labels, heads.nms_thresh)
+        keep, counts = _top_k_per_image(keep, image, n, heads.detections_per_img)
+        return boxes[keep], scores[keep], labels[keep], counts
 
     @torch.inference_mode()
     def __call__(self, batch_u8: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """batch_u8: [B, 3, 480, 640] uint8 on self.device."""
-        m = self.model
+        """batch_u8: [B, 3, 480, 640] uint8 on self.device. Returns per-image CPU tensors."""
         n, _, h, w = batch_u8.shape
-        sizes = [(h, w)] * n
         outs = [o.float() for o in self.dense(batch_u8)]
         fpn, objectness, deltas = outs[:3], outs[3:7], outs[7:11]
-        # The anchor generator only reads shapes, so a placeholder of the right size is enough.
-        anchors = m.rpn.anchor_generator(ImageList(batch_u8, sizes), fpn + [objectness[3]])
-        per_level = [o[0].numel() for o in objectness]
-        obj, dl = concat_box_prediction_layers(objectness, deltas)
-        proposals = m.rpn.box_coder.decode(dl, anchors).view(n, -1, 4)
-        boxes, _ = m.rpn.filter_proposals(proposals, obj, sizes, per_level)
-        roi = m.roi_heads.box_roi_pool(dict(zip("012", fpn)), boxes, sizes)
+        proposals = self._proposals(objectness, deltas, fpn)
+        roi = self.model.roi_heads.box_roi_pool(dict(zip("012", fpn)), proposals, [self.resized_hw] * n)
         r = roi.shape[0]
         if self.pad_rois_to is not None and r < self.pad_rois_to:
             roi = torch.cat([roi, roi.new_zeros((self.pad_rois_to - r, *roi.shape[1:]))])
         logits, box_deltas = self.box(roi)
-        logits, box_deltas = logits[:r].float(), box_deltas[:r].float()
-        b, s, lab = m.roi_heads.postprocess_detections(logits, box_deltas, boxes, sizes)
-        return [{"boxes": bb, "scores": ss, "labels": ll} for bb, ss, ll in zip(b, s, lab)]
+        boxes, scores, labels, counts = self._detections(logits[:r].float(), box_deltas[:r].float(), proposals, n)
+        # Back to the field's pixels with torchvision's ratios (original / resized, per axis).
+        rh, rw = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
+                  for o, s in zip((h, w), self.resized_hw))
+        boxes = boxes * torch.stack([rw, rh, rw, rh]).to(boxes.device)
+        # One device-to-host copy for the batch instead of three per image.
+        counts = counts.tolist()
+        return [{"boxes": b, "scores": s, "labels": l}
+                for b, s, l in zip(*(t.cpu().split(counts) for t in (boxes, scores, labels)))]
 
 
 def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndarray], device: torch.device,
