@@ -33,8 +33,9 @@ test: install chromium
 
 # GPU throughput table (see BENCHMARKS.md); BENCH_IMAGES copies of BCCD images end to end.
 BENCH_IMAGES ?= 10000
+BENCH_DEVICES ?= all
 bench: install
-	$(BIN)/bccd-batch bench --images $(BENCH_IMAGES) --data $(DATA)
+	$(BIN)/bccd-batch bench --images $(BENCH_IMAGES) --data $(DATA) --devices $(BENCH_DEVICES)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

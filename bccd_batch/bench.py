@@ -51,11 +51,33 @@ def model_only(engine, images: list[np.ndarray], batch: int, repeats: int) -> fl
     return repeats * len(images) / (time.perf_counter() - t)
 
 
-def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]], log=print) -> list[dict]:
-    from .engines import EngineError, select_engine
+def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int) -> dict:
+    """One `bccd-batch run` over the folder; images/s and how long the engines waited for decode."""
     from .pipeline import RunOptions, run
 
-    images = [decode_file(p) for p in sorted(Path(src).glob("*.jpg"))[:64]]
+    t = time.perf_counter()
+    res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
+                         batch_size=batch, decode_workers=min(16, os.cpu_count() or 4)), log=lambda m: None)
+    wall = time.perf_counter() - t
+    timings = res.info["timings"]
+    # Summed over workers, so divide by their number to get the share of each engine's run.
+    n_dev = len(res.info["device"].split(","))
+    return {"end_to_end_img_s": round(res.info["images"]["new"] / wall, 1),
+            "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1)}
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
+              device_sets: list[str] = (), log=print) -> list[dict]:
+    """Rows for each engine:batch on `device`; then the last engine end to end over each set of
+    several devices in `device_sets` (one worker process per device)."""
+    from .engines import EngineError, select_engine
+    from .pipeline import parse_devices
+
+    images = [decode_file(p) for p in sorted(Path(src).glob("*.jpg"))[:min(64, n)]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(src, n, Path(tmp) / "slides")
@@ -68,24 +90,33 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             mo = model_only(engine, images, batch, repeats=3)
-            rss0 = rss_mb()
-            out = Path(tmp) / f"out-{name}-{batch}"
-            t = time.perf_counter()
-            res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=name, device=device,
-                                 batch_size=batch, decode_workers=min(16, os.cpu_count() or 4)), log=lambda m: None)
-            e2e = res.info["images"]["new"] / (time.perf_counter() - t)
-            rows.append({"engine": engine.name, "batch": batch, "model_only_img_s": round(mo, 1),
-                         "end_to_end_img_s": round(e2e, 1), "images": n, "device": engine.device_name,
+            rss0, fds0 = rss_mb(), open_fds()
+            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch)
+            rows.append({"engine": engine.name, "batch": batch, "devices": 1, "model_only_img_s": round(mo, 1),
+                         **e2e, "images": n, "device": engine.device_name, "fds": f"{fds0} -> {open_fds()}",
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
                          "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()),
                          "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
             log(str(rows[-1]))
             del engine
+        single = rows[-1] if rows else None
+        for spec in device_sets:
+            multi = parse_devices(spec)
+            if len(multi) < 2 or single is None:
+                continue
+            name, batch = next((e, b) for e, b in reversed(engines) if single["engine"].startswith(e))
+            rss0, fds0 = rss_mb(), open_fds()
+            e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch)
+            rows.append({**single, "devices": len(multi), "model_only_img_s": "-", **e2e, "peak_gpu_mb": "-",
+                         "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()), "fds": f"{fds0} -> {open_fds()}",
+                         "scaling": round(e2e["end_to_end_img_s"] / single["end_to_end_img_s"], 2)})
+            log(str(rows[-1]))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "model_only_img_s", "end_to_end_img_s", "images", "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "device"]
+    cols = ["engine", "batch", "devices", "model_only_img_s", "end_to_end_img_s", "decode_wait_pct", "images",
+            "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

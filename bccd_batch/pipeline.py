@@ -2,19 +2,30 @@
 
 Every discovered image ends the run in exactly one state for this run: new (processed now),
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
+
+With one device everything runs in this process. With several (`--devices cuda:0,cuda:1` or
+`all`) each device gets a worker process that reads, decodes and infers chunks of a shared work
+list, and this process is the single writer of the store. Processes, not threads: CUDA-graph
+replay in torch.compile is not thread-safe, and one process per GPU also gives each its own
+decode threads and Python interpreter.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import errno
 import fcntl
 import hashlib
+import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +34,8 @@ import numpy as np
 from . import __version__
 from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
-from .engines import select_engine
+from .engines import EngineError, select_engine
+from .model import read_card
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
 from .store import STORE_NAME, Store
@@ -163,16 +175,237 @@ def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
             break
 
 
+def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: False):
+    """Groups of (prepared, (h, w) or None, detections or None) ready to store: decoded images go
+    through the engine `batch_size` at a time, failures and skips ride along with the next group.
+    Decoded arrays are dropped once inferred so memory stays flat. `timings` accumulates seconds
+    spent in the engine and seconds the engine sat waiting for decoded images."""
+    batch: list[_Prepared] = []
+    done: list[_Prepared] = []
+    it = iter(prepared)
+    while True:
+        if stop():
+            return      # what is decoded but not inferred is left to the next run
+        t = time.monotonic()
+        p = next(it, None)
+        timings["decode_wait_seconds"] += time.monotonic() - t
+        if p is None:
+            break
+        (batch if p.array is not None else done).append(p)
+        if len(batch) >= batch_size or len(done) >= 256:
+            yield _infer_group(engine, batch, done, timings)
+            batch, done = [], []
+    if batch or done:
+        yield _infer_group(engine, batch, done, timings)
+
+
+def _new_timings() -> dict:
+    return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0}
+
+
+def _infer_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict) -> list[tuple]:
+    t = time.monotonic()
+    dets = engine.infer([p.array for p in batch]) if batch else []
+    timings["inference_seconds"] += time.monotonic() - t
+    group = []
+    for p, d in zip(batch, dets):
+        hw, p.array = p.array.shape[:2], None
+        group.append((p, hw, d))
+    return group + [(p, None, None) for p in done]
+
+
+def parse_devices(spec: str) -> list[str]:
+    """`cuda:0,cuda:1` -> both; `all` -> every CUDA GPU (the CPU where there is none); else one."""
+    if spec == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise EngineError(f"no device in {spec!r}")
+    return devices
+
+
 def run(opts: RunOptions, log=print) -> RunResult:
     """Raises LockedError, EngineError, ModelError for the CLI to map to exit codes."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        engine = select_engine(opts.engine, opts.device, opts.model_dir, opts.batch_size, log=log)
-        return _run_locked(opts, out, engine, log)
+        devices = parse_devices(opts.device)
+        if len(devices) == 1:
+            engine = select_engine(opts.engine, devices[0], opts.model_dir, opts.batch_size, log=log)
+            return _run_locked(opts, out, _InProcess(engine, opts), log)
+        with _WorkerPool(devices, opts, log) as workers:
+            return _run_locked(opts, out, workers, log)
     finally:
         lock.close()
+
+
+class _InProcess:
+    """One engine in this process: decode threads feed it, the caller stores each group."""
+
+    def __init__(self, engine, opts: RunOptions):
+        self.engine, self.opts = engine, opts
+        self.card, self.name, self.device, self.device_name = engine.card, engine.name, engine.device, engine.device_name
+        self.timings = _new_timings()
+
+    def groups(self, files: list[ImageFile], known: dict, stop):
+        model_sha = self.card["weights"]["sha256"]
+        window = max(2 * self.opts.batch_size, 4 * self.opts.decode_workers)
+        with ThreadPoolExecutor(max(1, self.opts.decode_workers)) as pool:
+            prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, self.opts.full), files, window)
+            yield from _batches(prepared, self.engine, self.opts.batch_size, self.timings, stop)
+
+
+def _device_worker(device: str, opts: RunOptions, tasks, results, parent_pid: int) -> None:
+    """One per device (a spawned process): build the engine, then read, decode and infer the chunks
+    of (file, prior record) it takes from `tasks` until a None; send groups back on `results`."""
+    # The parent decides when to stop (it finishes what is in flight, then sends None); a terminal's
+    # Ctrl-C or a service manager's SIGTERM to the process group must not kill workers mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=lambda m: None)
+        results.put(("ready", device, engine.name, engine.device_name))
+        model_sha = engine.card["weights"]["sha256"]
+        timings = _new_timings()
+        known: dict = {}
+
+        def files():
+            # One continuous stream over the chunks, so the decode window stays full across them.
+            while True:
+                try:
+                    chunk = tasks.get(timeout=5)
+                except queue.Empty:
+                    if os.getppid() != parent_pid:   # the parent was killed: nobody will read us
+                        results.cancel_join_thread()
+                        os._exit(1)
+                    continue
+                if chunk is None:
+                    return
+                for f, prior in chunk:
+                    if prior is not None:
+                        known[f.rel] = prior
+                    yield f
+
+        window = max(2 * opts.batch_size, 4 * opts.decode_workers)
+        with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
+            prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, opts.full), files(), window)
+            for group in _batches(prepared, engine, opts.batch_size, timings):
+                results.put(("group", group))
+        results.put(("done", device, timings))
+    except BaseException:
+        results.put(("error", device, traceback.format_exc(limit=8)))
+
+
+class _WorkerPool:
+    """One worker process per device over a shared, bounded work list; groups come back here."""
+
+    def __init__(self, devices: list[str], opts: RunOptions, log):
+        ctx = multiprocessing.get_context("spawn")      # CUDA cannot be used in forked children
+        self.opts, self.devices, self.log = opts, devices, log
+        self.card = read_card(opts.model_dir)
+        self.tasks = ctx.Queue(maxsize=2 * len(devices))
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.results, os.getpid()),
+                                  name=f"bccd-batch {d}", daemon=True) for d in devices]
+
+    def __enter__(self):
+        for p in self.procs:
+            p.start()
+        names = []
+        try:
+            for _ in self.procs:
+                msg = self._get()
+                if msg[0] == "error":
+                    raise EngineError(f"worker for {msg[1]} failed to start:\n{msg[2]}")
+                names.append(msg)
+        except BaseException:
+            for p in self.procs:
+                p.kill()
+            raise
+        self.name = names[0][2]
+        # Summed over the workers: seconds of engine time and of engines waiting for decode.
+        self.timings = _new_timings()
+        self.device = ",".join(self.devices)
+        self.device_name = ", ".join(sorted({m[3] for m in names}))
+        self.log(f"{len(self.procs)} device workers: " + ", ".join(f"{m[1]} {m[2]}" for m in names))
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        return False
+
+    def _get(self):
+        while True:
+            try:
+                return self.results.get(timeout=2)
+            except queue.Empty:
+                dead = [p for p in self.procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exitcode}")
+
+    def groups(self, files: list[ImageFile], known: dict, stop):
+        chunk_size = 2 * self.opts.batch_size
+        abort = threading.Event()
+
+        def feed():
+            for i in range(0, len(files), chunk_size):
+                chunk = [(f, known.get(f.rel)) for f in files[i:i + chunk_size]]
+                while not (abort.is_set() or stop()):
+                    try:
+                        self.tasks.put(chunk, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if abort.is_set() or stop():
+                    break
+            for _ in self.procs:
+                self.tasks.put(None)
+
+        feeder = threading.Thread(target=feed, name="bccd-batch feeder", daemon=True)
+        feeder.start()
+        try:
+            finished = 0
+            while finished < len(self.procs):
+                msg = self._get()
+                if msg[0] == "group":
+                    yield msg[1]
+                elif msg[0] == "done":
+                    finished += 1
+                    for k, v in msg[2].items():
+                        self.timings[k] += v
+                else:
+                    raise RuntimeError(f"worker for {msg[1]} failed:\n{msg[2]}")
+        finally:
+            abort.set()
+            feeder.join(timeout=5)
+            if finished < len(self.procs):
+                for p in self.procs:
+                    p.kill()
+
+
+def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: list[tuple]) -> int:
+    """One transaction per group: a kill loses at most the group in flight, which the next run
+    redoes, and never leaves half of one stored. Returns how many images had detections."""
+    n = 0
+    with store.transaction():
+        for p, hw, dets in group:
+            if dets is not None:
+                store.record_image(run_id, root, p.file.rel, p.file.slide, size=p.size, mtime_ns=p.mtime_ns,
+                                   sha256=p.sha256, width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets)
+                n += 1
+            elif p.skip:
+                store.mark(run_id, p.file.rel, p.skip)
+            else:
+                store.record_image(run_id, root, p.file.rel, p.file.slide, size=p.size, mtime_ns=p.mtime_ns,
+                                   sha256=p.sha256, error=p.error)
+    return n
 
 
 def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
@@ -191,46 +424,17 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
     known = {r["rel"]: (r["size"], r["mtime_ns"], r["sha256"], r["status"], r["error"], r["model_sha256"])
              for r in store.db.execute("SELECT * FROM images WHERE root=?", (root,))}
     log(f"{len(files)} images under {opts.slides} -> {run_dir}")
-    status, infer_seconds, n_inferred = "failed", 0.0, 0
+    status, n_inferred = "failed", 0
     stop = _StopFlag()
     try:
-        with stop, ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
+        with stop:
             prog = Progress(len(files), "images")
-            batch: list[_Prepared] = []
-            done: list[_Prepared] = []
-
-            def flush() -> None:
-                nonlocal infer_seconds, n_inferred
-                dets: list[list[tuple]] = []
-                if batch:
-                    t = time.monotonic()
-                    dets = engine.infer([p.array for p in batch])
-                    infer_seconds += time.monotonic() - t
-                    n_inferred += len(batch)
-                with store.transaction():
-                    for p, d in zip(batch, dets):
-                        h, w = p.array.shape[:2]
-                        store.record_image(run_id, root, p.file.rel, p.file.slide, size=p.size, mtime_ns=p.mtime_ns,
-                                           sha256=p.sha256, width=w, height=h, model_sha256=model_sha, detections=d)
-                    for p in done:
-                        if p.skip:
-                            store.mark(run_id, p.file.rel, p.skip)
-                        else:
-                            store.record_image(run_id, root, p.file.rel, p.file.slide, size=p.size,
-                                               mtime_ns=p.mtime_ns, sha256=p.sha256, error=p.error)
-                prog.update(len(batch) + len(done))
-                batch.clear()
-                done.clear()
-
-            window = max(2 * opts.batch_size, 4 * opts.decode_workers)
-            for p in _ordered(pool, lambda f: _prepare(f, known, model_sha, opts.full), files, window):
-                if stop.signum is not None:
-                    break
-                (batch if p.array is not None else done).append(p)
-                if len(batch) >= opts.batch_size or len(done) >= 256:
-                    flush()
-            if stop.signum is None:
-                flush()
+            # closing(): on an error the decode threads / worker feed shut down here, not at GC.
+            # closing(): on an error the decode threads / worker feed shut down here, not at GC.
+            with contextlib.closing(engine.groups(files, known, lambda: stop.signum is not None)) as groups:
+                for group in groups:
+                    n_inferred += _store_group(store, run_id, root, model_sha, group)
+                    prog.update(len(group))
             prog.close()
         status = "interrupted" if stop.signum is not None else "finished"
     finally:
@@ -245,7 +449,7 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
             "batch_size": opts.batch_size, "full": opts.full,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
-            "timings": {"wall_seconds": round(elapsed, 3), "inference_seconds": round(infer_seconds, 3)},
+            "timings": {"wall_seconds": round(elapsed, 3), **{k: round(v, 3) for k, v in engine.timings.items()}},
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
         data = gather(store, run_id, root, thresholds["count"])

@@ -138,3 +138,21 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_p
     p = cli("run", slides, "--out", tmp_path / "o", "--device", "cuda", check_rc=0)
     assert "no CUDA GPU is available" in p.stderr
     assert json.loads((tmp_path / "o" / "latest" / "run.json").read_text())["device"] == "cpu"
+
+
+def test_two_device_workers_store_the_same_as_one_process(slides, tmp_path):
+    """`--devices cpu,cpu`: two worker processes over one shared work list, this process the single
+    writer. Same images, errors and detections as the in-process run (a second CPU stands in for
+    a second GPU: the hand-off, not the device, is under test here)."""
+    (slides / "slide-B" / "notes.jpg").write_text("not an image")
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("run", slides, "--out", one, "--device", "cpu", "--batch-size", "2", check_rc=3)
+    p = cli("run", slides, "--out", two, "--devices", "cpu,cpu", "--batch-size", "2", check_rc=3)
+    assert "2 device workers" in p.stderr
+    info = json.loads((two / "latest" / "run.json").read_text())
+    assert info["images"] == {"discovered": 6, "new": 5, "skipped": 0, "failed": 1}
+    assert info["device"] == "cpu,cpu"
+    for name in ("detections.csv", "counts.csv", "errors.csv"):
+        assert read_csv(two / "latest" / name) == read_csv(one / "latest" / name), name
+    cli("run", slides, "--out", two, "--devices", "cpu,cpu", check_rc=3)
+    assert json.loads((two / "latest" / "run.json").read_text())["images"] == {"discovered": 6, "new": 0, "skipped": 5, "failed": 1}

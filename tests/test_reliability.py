@@ -285,7 +285,9 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
     for i in range(n):
         (soak / f"s{i % 4}").mkdir(parents=True, exist_ok=True)
         os.symlink(src[i % len(src)], soak / f"s{i % 4}" / f"f{i:05d}.jpg")
-    opts = dict(out=tmp_path / "out", model_dir=REPO / "engines", device="cpu", batch_size=4)
+    # On the lent GPU: BCCD_SOAK_IMAGES=10000 BCCD_SOAK_DEVICE=cuda pytest -m gpu -k soak ...
+    device = os.environ.get("BCCD_SOAK_DEVICE", "cpu")
+    opts = dict(out=tmp_path / "out", model_dir=REPO / "engines", device=device, batch_size=4 if device == "cpu" else 32)
     run(RunOptions(slides=warm, **opts), log=lambda m: None)
     rss0, fds0 = rss_mb(), len(os.listdir("/proc/self/fd"))
     result = run(RunOptions(slides=soak, **opts), log=lambda m: None)
@@ -293,4 +295,32 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
     assert result.info["images"]["new"] == n
     assert fds1 <= fds0 + 2
     assert rss1 - rss0 < 150, (rss0, rss1)
-    summary(f"soak: {n} images, RSS {rss0:.0f} -> {rss1:.0f} MB, open fds {fds0} -> {fds1}")
+    summary(f"soak: {n} images on {result.info['device_name']} ({result.info['engine']}), "
+            f"RSS {rss0:.0f} -> {rss1:.0f} MB, open fds {fds0} -> {fds1}")
+
+
+@pytest.mark.gpu
+def test_cuda_out_of_memory_halves_the_batch_and_goes_on():
+    """A real OOM: fill the GPU but 3 GiB, then ask for batch 64 at the model's input size."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bccd_batch.decode import decode_file
+    from bccd_batch.engines.torch_eager import TorchEngine
+
+    images = [decode_file(p) for p in sorted((DATA / "JPEGImages").glob("*.jpg"))[:64]]
+    ref = TorchEngine(REPO / "engines", "cuda", batch_size=1).infer(images[:8])
+    engine = TorchEngine(REPO / "engines", "cuda", batch_size=64)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - (3 << 30), dtype=torch.uint8, device="cuda")
+    with pytest.warns(UserWarning, match="batch size halved"):
+        got = engine.infer(images)
+    del hog
+    assert len(got) == 64 and engine.batch_size < 64
+    count = lambda dets: {c: sum(1 for d in dets if d[0] == c and d[1] >= 0.6) for c in ("RBC", "WBC", "Platelets")}
+    for g, r in zip(got, ref):    # batch composition may move a score across 0.6, not more
+        assert all(abs(count(g)[c] - count(r)[c]) <= 1 for c in count(r))
+    summary(f"GPU OOM: batch 64 with 3 GiB free on {torch.cuda.get_device_name()} -> halved to "
+            f"{engine.batch_size}, all 64 images inferred")

@@ -1,0 +1,14 @@
+"""`bccd-batch bench` on the CPU at toy size: the table's plumbing, not a performance figure."""
+
+from bccd_batch.bench import run_bench, table
+from conftest import DATA, REPO
+
+
+def test_bench_rows_for_one_engine_and_a_device_set():
+    rows = run_bench(DATA / "JPEGImages", 4, REPO / "engines", "cpu", [("torch", 2)], ["cpu,cpu"], log=lambda m: None)
+    assert [(r["engine"], r["devices"]) for r in rows] == [("torch-eager-fp32", 1), ("torch-eager-fp32", 2)]
+    assert all(r["end_to_end_img_s"] > 0 and r["images"] == 4 for r in rows)
+    assert rows[0]["model_only_img_s"] > 0 and rows[1]["scaling"] > 0
+    assert 0 <= rows[0]["decode_wait_pct"] <= 100
+    text = table(rows)
+    assert text.count("\n") == 3 and "torch-eager-fp32" in text
