@@ -56,7 +56,7 @@ def safe_key(name: str) -> str | None:
     """The POSIX relative key for a file name from a label file, or None if it escapes the root."""
     name = str(name).replace("\\", "/").strip()
     p = PurePosixPath(name)
-    if not name or p.is_absolute() or ".." in p.parts or ":" in p.parts[0]:
+    if not p.parts or p.is_absolute() or ".." in p.parts or ":" in p.parts[0]:   # "", "." name no file
         return None
     return p.as_posix()
 

@@ -65,3 +65,12 @@ def test_unreadable_label_files_raise_clearly(tmp_path, content, suffix):
     p.write_text(content)
     with pytest.raises(LabelError):
         read_labels(p)
+
+
+def test_label_file_names_that_name_no_file_inside_the_root_are_refused():
+    from bccd_batch.labels import safe_key
+
+    for bad in ("", ".", "./", "..", "../x.jpg", "/abs.jpg", "C:/x.jpg", "a/../../x.jpg"):
+        assert safe_key(bad) is None, bad
+    assert safe_key("slide A\\f 1.jpg") == "slide A/f 1.jpg"
+    assert safe_key("./a/b.jpg") == "a/b.jpg"
