@@ -5,6 +5,7 @@ Prints wall time per batch, GPU kernel time per batch (the GPU's busy share) and
 GPU time and by CPU time, which is what BENCHMARKS.md's "where the time goes" is read from.
 """
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,12 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / n
 events = prof.key_averages()
-gpu = sum(e.self_device_time_total for e in events) / n / 1e6
+by_gpu = events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
+# The table's own total counts each kernel once; summing the rows would count an op and its
+# kernels twice (torchvision::nms and the two kernels it launches, say).
+value, unit = re.search(r"Self CUDA time total: ([\d.]+)(us|ms|s)", by_gpu).groups()
+gpu = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit] / n
 print(f"{engine.name} batch {batch}: {wall * 1e3:.1f} ms per batch wall ({batch / wall:.0f} img/s), "
       f"GPU kernels {gpu * 1e3:.1f} ms per batch (GPU busy {100 * gpu / wall:.0f}%)")
-print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+print(by_gpu)
 print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
