@@ -69,9 +69,10 @@ def train(
     eval_every: int = typer.Option(10, min=1, help="Evaluate on the val split every N epochs."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
-    backbone: str = typer.Option("resnet18"),
-    mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
-    input_size: int = typer.Option(480, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
+    # The defaults are the embedded model's recipe (engines/model.json), so a plain `train` redoes it.
+    backbone: str = typer.Option("resnet34", help="resnet18, resnet34 or resnet50."),
+    mosaic: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
+    input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (smoke runs)."),
     time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count is fitted to it after 3 epochs."),

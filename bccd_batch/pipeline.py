@@ -408,8 +408,9 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
     return n
 
 
-def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
-    card = engine.card
+def _run_locked(opts: RunOptions, out: Path, inference, log) -> RunResult:
+    """`inference`: an _InProcess or a _WorkerPool, the two ways images become stored groups."""
+    card = inference.card
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]
     store = Store(out / STORE_NAME)
@@ -430,8 +431,7 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
         with stop:
             prog = Progress(len(files), "images")
             # closing(): on an error the decode threads / worker feed shut down here, not at GC.
-            # closing(): on an error the decode threads / worker feed shut down here, not at GC.
-            with contextlib.closing(engine.groups(files, known, lambda: stop.signum is not None)) as groups:
+            with contextlib.closing(inference.groups(files, known, lambda: stop.signum is not None)) as groups:
                 for group in groups:
                     n_inferred += _store_group(store, run_id, root, model_sha, group)
                     prog.update(len(group))
@@ -445,11 +445,11 @@ def _run_locked(opts: RunOptions, out: Path, engine, log) -> RunResult:
             "slides_root": root, "started_utc": started.isoformat(timespec="seconds"),
             "finished_utc": _utc_now().isoformat(timespec="seconds"),
             "model": {"name": card.get("name"), "sha256": model_sha, "thresholds": thresholds},
-            "engine": engine.name, "device": engine.device, "device_name": engine.device_name,
+            "engine": inference.name, "device": inference.device, "device_name": inference.device_name,
             "batch_size": opts.batch_size, "full": opts.full,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
-            "timings": {"wall_seconds": round(elapsed, 3), **{k: round(v, 3) for k, v in engine.timings.items()}},
+            "timings": {"wall_seconds": round(elapsed, 3), **{k: round(v, 3) for k, v in inference.timings.items()}},
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
         data = gather(store, run_id, root, thresholds["count"])
