@@ -285,7 +285,7 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
     for i in range(n):
         (soak / f"s{i % 4}").mkdir(parents=True, exist_ok=True)
         os.symlink(src[i % len(src)], soak / f"s{i % 4}" / f"f{i:05d}.jpg")
-    # On the lent GPU: BCCD_SOAK_IMAGES=10000 BCCD_SOAK_DEVICE=cuda pytest -m gpu -k soak ...
+    # On a GPU: BCCD_SOAK_IMAGES=10000 BCCD_SOAK_DEVICE=cuda pytest -k soak tests/test_reliability.py
     device = os.environ.get("BCCD_SOAK_DEVICE", "cpu")
     opts = dict(out=tmp_path / "out", model_dir=REPO / "engines", device=device, batch_size=4 if device == "cpu" else 32)
     run(RunOptions(slides=warm, **opts), log=lambda m: None)
