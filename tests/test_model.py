@@ -46,3 +46,12 @@ def test_save_load_round_trip_is_fp16_close(tmp_path):
     assert card2["weights"]["sha256"] == card["weights"]["sha256"]
     a, b = model.state_dict(), loaded.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
+
+
+def test_input_size_scales_sizes_and_anchors_together():
+    assert ModelConfig.for_input_size(480) == ModelConfig()
+    cfg = ModelConfig.for_input_size(640, backbone="resnet34")
+    assert cfg.backbone == "resnet34" and cfg.test_min_size == 640
+    assert cfg.anchor_sizes[0] == (43, 60) and cfg.max_size == 1365
+    assert min(cfg.train_min_sizes) == 512 and max(cfg.train_min_sizes) == 800
+    assert all(s % 32 == 0 for s in cfg.train_min_sizes)
