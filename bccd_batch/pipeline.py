@@ -259,11 +259,12 @@ class _InProcess:
             yield from _batches(prepared, self.engine, self.opts.batch_size, self.timings, stop)
 
 
-def _device_worker(device: str, opts: RunOptions, tasks, results, parent_pid: int) -> None:
+def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
     """One per device (a spawned process): build the engine, then read, decode and infer the chunks
-    of (file, prior record) it takes from `tasks` until a None; send groups back on `results`."""
-    # The parent decides when to stop (it finishes what is in flight, then sends None); a terminal's
-    # Ctrl-C or a service manager's SIGTERM to the process group must not kill workers mid-batch.
+    of (file, prior record) it takes from `tasks` until a None; send groups back on `results`.
+    `halt` set: finish the batch in flight and stop, leaving what is only decoded to the next run."""
+    # The parent decides when to stop (it sets `halt` on SIGINT/SIGTERM); a terminal's Ctrl-C or a
+    # service manager's SIGTERM to the whole process group must not kill workers mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -293,7 +294,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, parent_pid: in
         window = max(2 * opts.batch_size, 4 * opts.decode_workers)
         with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
             prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, opts.full), files(), window)
-            for group in _batches(prepared, engine, opts.batch_size, timings):
+            for group in _batches(prepared, engine, opts.batch_size, timings, halt.is_set):
                 results.put(("group", group))
         results.put(("done", device, timings))
     except BaseException:
@@ -309,7 +310,8 @@ class _WorkerPool:
         self.card = read_card(opts.model_dir)
         self.tasks = ctx.Queue(maxsize=2 * len(devices))
         self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.results, os.getpid()),
+        self.halt = ctx.Event()
+        self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.results, self.halt, os.getpid()),
                                   name=f"bccd-batch {d}", daemon=True) for d in devices]
 
     def __enter__(self):
@@ -335,17 +337,20 @@ class _WorkerPool:
         return self
 
     def __exit__(self, *exc):
+        # Chunks nobody will take may still sit in the task pipe: don't wait at exit to flush them.
+        self.tasks.cancel_join_thread()
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
         return False
 
-    def _get(self):
+    def _get(self, on_wait=lambda: None):
         while True:
             try:
-                return self.results.get(timeout=2)
+                return self.results.get(timeout=0.5)
             except queue.Empty:
+                on_wait()
                 dead = [p for p in self.procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exitcode}")
@@ -366,14 +371,24 @@ class _WorkerPool:
                 if abort.is_set() or stop():
                     break
             for _ in self.procs:
-                self.tasks.put(None)
+                while not abort.is_set():
+                    try:
+                        self.tasks.put(None, timeout=0.5)
+                        break
+                    except queue.Full:   # halted workers take nothing more; abort ends this
+                        continue
+
+        def halt_on_stop():
+            if stop():
+                self.halt.set()
 
         feeder = threading.Thread(target=feed, name="bccd-batch feeder", daemon=True)
         feeder.start()
         try:
             finished = 0
             while finished < len(self.procs):
-                msg = self._get()
+                halt_on_stop()
+                msg = self._get(on_wait=halt_on_stop)
                 if msg[0] == "group":
                     yield msg[1]
                 elif msg[0] == "done":

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import cli
 
@@ -156,3 +157,53 @@ def test_two_device_workers_store_the_same_as_one_process(slides, tmp_path):
         assert read_csv(two / "latest" / name) == read_csv(one / "latest" / name), name
     cli("run", slides, "--out", two, "--devices", "cpu,cpu", check_rc=3)
     assert json.loads((two / "latest" / "run.json").read_text())["images"] == {"discovered": 6, "new": 0, "skipped": 5, "failed": 1}
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd):
+    """With worker processes: SIGTERM stores what the workers have in flight and exits 143; a
+    SIGKILLed parent leaves no worker behind; reruns then equal an uninterrupted run."""
+    slides = _slow_folder(tmp_path, bccd, 12)
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
+
+    proc = _start(slides, out, "--devices", "cpu,cpu")
+    _wait_for_rows(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    partial = json.loads((out / "latest" / "run.json").read_text())
+    assert partial["status"] == "interrupted" and 2 <= partial["images"]["new"] < 12
+
+    proc = _start(slides, out, "--devices", "cpu,cpu")
+    _wait_for_rows(out, partial["images"]["new"] + 1, proc)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.kill()
+    proc.communicate()
+    deadline = time.time() + 30
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(w) for w in workers), "worker processes outlived their killed parent"
+
+    cli("run", slides, "--out", out, "--devices", "cpu,cpu", check_rc=0)
+    for name in ["detections.csv", "counts.csv", "slides.csv", "errors.csv"]:
+        assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
