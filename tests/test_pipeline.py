@@ -92,18 +92,24 @@ def _wait_for_rows(out, n, proc, timeout=120):
     raise AssertionError("run made no progress")
 
 
-def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
-    slides = _slow_folder(tmp_path, bccd, 10)
-    ref_out, out = tmp_path / "ref", tmp_path / "out"
-    cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
-
-    proc = _start(slides, out)
+def _sigterm_after_two_rows(slides, out, n, *extra):
+    """Start a run, SIGTERM it once two images are stored: exit 143 and a partial, interrupted run."""
+    proc = _start(slides, out, *extra)
     _wait_for_rows(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     partial = json.loads((out / "latest" / "run.json").read_text())
-    assert partial["status"] == "interrupted" and 2 <= partial["images"]["new"] < 10
+    assert partial["status"] == "interrupted" and 2 <= partial["images"]["new"] < n
+    return partial
+
+
+def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
+    slides = _slow_folder(tmp_path, bccd, 10)
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
+
+    partial = _sigterm_after_two_rows(slides, out, 10)
 
     cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
     final = json.loads((out / "latest" / "run.json").read_text())
@@ -185,13 +191,7 @@ def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd)
     ref_out, out = tmp_path / "ref", tmp_path / "out"
     cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
 
-    proc = _start(slides, out, "--devices", "cpu,cpu")
-    _wait_for_rows(out, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    partial = json.loads((out / "latest" / "run.json").read_text())
-    assert partial["status"] == "interrupted" and 2 <= partial["images"]["new"] < 12
+    partial = _sigterm_after_two_rows(slides, out, 12, "--devices", "cpu,cpu")
 
     proc = _start(slides, out, "--devices", "cpu,cpu")
     _wait_for_rows(out, partial["images"]["new"] + 1, proc)
