@@ -69,6 +69,7 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
 
 def open_fds() -> int:
+    """Open file descriptors of this process, from /proc."""
     return len(os.listdir("/proc/self/fd"))
 
 

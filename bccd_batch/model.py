@@ -75,7 +75,8 @@ class ModelConfig:
         """The defaults (made for fields resized to a 480-pixel short side) scaled to `short_side`:
         upsampling gives platelets (~35 px at 480) more feature-map cells, and scaling the anchors,
         training sizes and size cap with it keeps every cell type matched the same way."""
-        base, f = cls(), short_side / cls().test_min_size
+        base = cls()
+        f = short_side / base.test_min_size
         return cls(
             test_min_size=short_side,
             train_min_sizes=tuple(sorted({int(round(s * f / 32)) * 32 for s in base.train_min_sizes})),

@@ -199,6 +199,17 @@ def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: Fals
         yield _infer_group(engine, batch, done, timings)
 
 
+def _decoded_groups(files, known: dict, engine, opts: RunOptions, timings: dict, stop=lambda: False):
+    """Read, hash and decode `files` (any iterable) on a thread pool, at most a bounded window
+    ahead, and yield the stored-ready groups of `_batches`: the one loop both the in-process run
+    and each device worker run."""
+    model_sha = engine.card["weights"]["sha256"]
+    window = max(2 * opts.batch_size, 4 * opts.decode_workers)
+    with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
+        prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, opts.full), files, window)
+        yield from _batches(prepared, engine, opts.batch_size, timings, stop)
+
+
 def _new_timings() -> dict:
     return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0}
 
@@ -252,11 +263,7 @@ class _InProcess:
         self.timings = _new_timings()
 
     def groups(self, files: list[ImageFile], known: dict, stop):
-        model_sha = self.card["weights"]["sha256"]
-        window = max(2 * self.opts.batch_size, 4 * self.opts.decode_workers)
-        with ThreadPoolExecutor(max(1, self.opts.decode_workers)) as pool:
-            prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, self.opts.full), files, window)
-            yield from _batches(prepared, self.engine, self.opts.batch_size, self.timings, stop)
+        return _decoded_groups(files, known, self.engine, self.opts, self.timings, stop)
 
 
 def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
@@ -270,7 +277,6 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
     try:
         engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=lambda m: None)
         results.put(("ready", device, engine.name, engine.device_name))
-        model_sha = engine.card["weights"]["sha256"]
         timings = _new_timings()
         known: dict = {}
 
@@ -291,11 +297,8 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
                         known[f.rel] = prior
                     yield f
 
-        window = max(2 * opts.batch_size, 4 * opts.decode_workers)
-        with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
-            prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, opts.full), files(), window)
-            for group in _batches(prepared, engine, opts.batch_size, timings, halt.is_set):
-                results.put(("group", group))
+        for group in _decoded_groups(files(), known, engine, opts, timings, halt.is_set):
+            results.put(("group", group))
         results.put(("done", device, timings))
     except BaseException:
         results.put(("error", device, traceback.format_exc(limit=8)))
@@ -359,24 +362,22 @@ class _WorkerPool:
         chunk_size = 2 * self.opts.batch_size
         abort = threading.Event()
 
+        def put(item, give_up) -> bool:
+            # Bounded queue: wait for room, but never past `give_up` (halted workers take nothing more).
+            while not give_up():
+                try:
+                    self.tasks.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def feed():
             for i in range(0, len(files), chunk_size):
-                chunk = [(f, known.get(f.rel)) for f in files[i:i + chunk_size]]
-                while not (abort.is_set() or stop()):
-                    try:
-                        self.tasks.put(chunk, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if abort.is_set() or stop():
+                if not put([(f, known.get(f.rel)) for f in files[i:i + chunk_size]], lambda: abort.is_set() or stop()):
                     break
             for _ in self.procs:
-                while not abort.is_set():
-                    try:
-                        self.tasks.put(None, timeout=0.5)
-                        break
-                    except queue.Full:   # halted workers take nothing more; abort ends this
-                        continue
+                put(None, abort.is_set)
 
         def halt_on_stop():
             if stop():

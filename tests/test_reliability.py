@@ -273,7 +273,7 @@ def test_fuzz_voc(tmp_path, doc):
 
 def test_soak_memory_and_fds_stay_flat(tmp_path):
     """A few hundred images in-process (CI's size; the 10,000-image soak runs on the GPU)."""
-    from bccd_batch.bench import rss_mb
+    from bccd_batch.bench import open_fds, rss_mb
     from bccd_batch.pipeline import RunOptions, run
 
     src = sorted((DATA / "JPEGImages").glob("*.jpg"))
@@ -289,9 +289,9 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
     device = os.environ.get("BCCD_SOAK_DEVICE", "cpu")
     opts = dict(out=tmp_path / "out", model_dir=REPO / "engines", device=device, batch_size=4 if device == "cpu" else 32)
     run(RunOptions(slides=warm, **opts), log=lambda m: None)
-    rss0, fds0 = rss_mb(), len(os.listdir("/proc/self/fd"))
+    rss0, fds0 = rss_mb(), open_fds()
     result = run(RunOptions(slides=soak, **opts), log=lambda m: None)
-    rss1, fds1 = rss_mb(), len(os.listdir("/proc/self/fd"))
+    rss1, fds1 = rss_mb(), open_fds()
     assert result.info["images"]["new"] == n
     assert fds1 <= fds0 + 2
     assert rss1 - rss0 < 150, (rss0, rss1)

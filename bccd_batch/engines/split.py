@@ -118,15 +118,18 @@ class SplitDetector:
         self.resized_hw, self.padded_hw = model_input_geometry(model)
         # Static box graphs (CUDA graphs) need a fixed RoI count: pad with empty boxes, drop after.
         self.pad_rois_to = pad_rois_to
-        self._anchors: dict[int, torch.Tensor] = {}
+        self._anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _batch_anchors(self, n: int, fpn: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
-        """Anchors depend only on the (fixed) geometry: made once per batch size, not per batch."""
+    def _batch_anchors(self, n: int, fpn: list[torch.Tensor], objectness: list[torch.Tensor]):
+        """(anchors of the batch, pyramid level of each anchor of one image): both depend only on
+        the fixed geometry, so they are made once per batch size, not per batch."""
         if n not in self._anchors:
             # The anchor generator only reads the padded batch's shape: a zero-stride view will do.
             placeholder = fpn[0].new_empty(()).expand(n, 3, *self.padded_hw)
-            anchors = self.model.rpn.anchor_generator(ImageList(placeholder, [self.resized_hw] * n), fpn + [last])
-            self._anchors = {n: torch.cat(anchors)}
+            anchors = self.model.rpn.anchor_generator(ImageList(placeholder, [self.resized_hw] * n), fpn + [objectness[-1]])
+            per_level = torch.tensor([o[0].numel() for o in objectness], device=fpn[0].device)
+            levels = torch.repeat_interleave(torch.arange(len(objectness), device=fpn[0].device), per_level)
+            self._anchors = {n: (torch.cat(anchors), levels)}
         return self._anchors[n]
 
     def _proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], fpn: list[torch.Tensor]):
@@ -135,16 +138,15 @@ class SplitDetector:
         rpn, n = self.model.rpn, objectness[0].shape[0]
         per_level = [o[0].numel() for o in objectness]
         obj, dl = concat_box_prediction_layers(objectness, deltas)
-        proposals = rpn.box_coder.decode_single(dl, self._batch_anchors(n, fpn, objectness[-1])).view(n, -1, 4)
+        anchors, anchor_levels = self._batch_anchors(n, fpn, objectness)
+        proposals = rpn.box_coder.decode_single(dl, anchors).view(n, -1, 4)
         obj = obj.view(n, -1)
         top = rpn._get_top_n_idx(obj, per_level)
-        levels = torch.repeat_interleave(torch.arange(len(per_level), device=obj.device),
-                                         torch.tensor(per_level, device=obj.device))[top]
+        levels = anchor_levels[top].reshape(-1)
         rows = torch.arange(n, device=obj.device)[:, None]
         boxes = clip_boxes_to_image(proposals[rows, top], self.resized_hw).reshape(-1, 4)
         scores = torch.sigmoid(obj[rows, top]).reshape(-1)
         image = rows.expand_as(top).reshape(-1)
-        levels = levels.reshape(-1)
         ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         ok = torch.where((ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh))[0]
         boxes, scores, image, levels = boxes[ok], scores[ok], image[ok], levels[ok]
