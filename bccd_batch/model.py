@@ -8,6 +8,7 @@ nothing under engines/ is unpickled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -21,9 +22,13 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .nms import select_detections
 
 CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
 CARD_NAME = "model.json"
@@ -54,6 +59,10 @@ class ModelConfig:
     box_head_convs: tuple[int, ...] = (128, 128)
     box_head_fc: int = 512
     box_batch_size_per_image: int = 256
+    # Duplicate removal within a class (nms.py): "matrix" (Gaussian Matrix NMS, sigma) or "hard"
+    # (greedy NMS at box_nms_thresh). Cards written before this choice existed mean "hard".
+    box_nms: str = "matrix"
+    box_nms_sigma: float = 0.5
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
     detection_threshold: float = 0.05
@@ -64,6 +73,9 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ModelError(f"model card architecture has unknown keys: {sorted(unknown)}")
+        d = {"box_nms": "hard", **d}
+        if d["box_nms"] not in ("hard", "matrix"):
+            raise ModelError(f"model card box_nms must be 'hard' or 'matrix', not {d['box_nms']!r}")
         # JSON turns tuples into lists; the dataclass fields are tuples.
         return cls(**{k: _tuplify(v) for k, v in d.items()})
 
@@ -136,8 +148,23 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
+    # FasterRCNN builds its RoIHeads itself: keep torchvision's forward, swap only its last step,
+    # so the eager model and the split engines share one post-processing (nms.py).
+    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, model.roi_heads)
     set_inference_size(model, cfg)
     return model
+
+
+def postprocess_detections(cfg: ModelConfig, heads: RoIHeads, class_logits: torch.Tensor, box_regression: torch.Tensor,
+                           proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]):
+    """RoIHeads.postprocess_detections with the card's duplicate removal: per image lists of
+    boxes, scores and labels, best first."""
+    per_image = [len(p) for p in proposals]
+    boxes = heads.box_coder.decode(box_regression, proposals).split(per_image)
+    boxes = [clip_boxes_to_image(b, hw)[:, 1:] for b, hw in zip(boxes, image_shapes)]
+    scores = torch.softmax(class_logits, -1)[:, 1:].split(per_image)
+    b, s, l, counts = select_detections(boxes, scores, cfg)
+    return list(b.split(counts)), list(s.split(counts)), list(l.split(counts))
 
 
 def set_inference_size(model: FasterRCNN, cfg: ModelConfig) -> None:

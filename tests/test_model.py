@@ -55,3 +55,11 @@ def test_input_size_scales_sizes_and_anchors_together():
     assert cfg.anchor_sizes[0] == (43, 60) and cfg.max_size == 1365
     assert min(cfg.train_min_sizes) == 512 and max(cfg.train_min_sizes) == 800
     assert all(s % 32 == 0 for s in cfg.train_min_sizes)
+
+
+def test_cards_without_box_nms_mean_hard_nms():
+    arch = ModelConfig().to_dict()
+    del arch["box_nms"]
+    assert ModelConfig.from_dict(arch).box_nms == "hard"
+    with pytest.raises(ModelError, match="box_nms"):
+        ModelConfig.from_dict({**arch, "box_nms": "soft"})

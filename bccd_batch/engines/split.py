@@ -24,10 +24,10 @@ from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import nms, remove_small_boxes
 from torchvision.ops.boxes import clip_boxes_to_image
 
 from ..model import detections_to_tuples, image_to_input
+from ..nms import nms_image_by_image
 
 NATIVE_HW = (480, 640)
 
@@ -81,35 +81,14 @@ def dense_output_names(n_levels: int = 4) -> list[str]:
     return [f"fpn{i}" for i in range(3)] + [f"objectness{i}" for i in range(n_levels)] + [f"deltas{i}" for i in range(n_levels)]
 
 
-def _nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, group: torch.Tensor, thresh: float) -> torch.Tensor:
-    """NMS within each group in one call, by moving each group to its own coordinate range (the
-    trick torchvision's batched_nms uses), in float64 so the offsets never round a coordinate."""
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    offsets = group.to(torch.float64) * (boxes.max().to(torch.float64) + 1)
-    return nms(boxes.to(torch.float64) + offsets[:, None], scores.to(torch.float64), thresh)
-
-
-def _nms_image_by_image(boxes, scores, group, image, n_images: int, thresh: float, k: int) -> list[torch.Tensor]:
-    """Per image (rows sorted by image), the indices NMS keeps within each group, best k first.
-    Image by image, not one call for the batch: torchvision's CUDA NMS builds an N x N mask and
-    walks it in a single thread, so one call over a batch's ~100k proposals took 60 ms on an
-    H200 (profiled), where 32 calls over ~3k each take a fraction of a millisecond each."""
-    out, start = [], 0
-    for count in torch.bincount(image, minlength=n_images).tolist():
-        rows = slice(start, start + count)
-        out.append(_nms_per_group(boxes[rows], scores[rows], group[rows], thresh)[:k] + start)
-        start += count
-    return out
-
-
 class SplitDetector:
     """Runs the split model with pluggable dense and box stages (eager modules, ONNX sessions,
     TensorRT engines or compiled graphs: any callable with the stages' signatures).
 
     The glue between the stages computes what torchvision's RPN and RoI heads compute, with
     anchors made once and decoding, clipping and filtering done for the whole batch at once, where
-    torchvision loops over images with a dozen small kernels each; only NMS goes image by image."""
+    torchvision loops over images with a dozen small kernels each; only the proposals' NMS goes
+    image by image."""
 
     def __init__(self, model: FasterRCNN, dense: Callable[[torch.Tensor], Sequence[torch.Tensor]],
                  box: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
@@ -119,6 +98,21 @@ class SplitDetector:
         # Static box graphs (CUDA graphs) need a fixed RoI count: pad with empty boxes, drop after.
         self.pad_rois_to = pad_rois_to
         self._anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pinned: dict[int, torch.Tensor] = {}
+
+    def upload(self, fields: list[np.ndarray]) -> torch.Tensor:
+        """Native-size HxWx3 fields -> [B, 3, H, W] uint8 on the device. On CUDA through a pinned
+        host buffer kept per batch size: a copy from pageable memory is staged by the driver and
+        blocks the host (4.0 ms of a 32-field batch's copies were pageable, profiled on an H200).
+        Reusing the buffer is safe because every call ends by copying its results to the host,
+        which waits for this upload too."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2).contiguous()
+        n = len(fields)
+        if n not in self._pinned:
+            self._pinned[n] = torch.empty((n, *NATIVE_HW, 3), dtype=torch.uint8, pin_memory=True)
+        np.stack(fields, out=self._pinned[n].numpy())
+        return self._pinned[n].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
 
     def _batch_anchors(self, n: int, fpn: list[torch.Tensor], objectness: list[torch.Tensor]):
         """(anchors of the batch, pyramid level of each anchor of one image): both depend only on
@@ -150,27 +144,8 @@ class SplitDetector:
         ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         ok = torch.where((ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh))[0]
         boxes, scores, image, levels = boxes[ok], scores[ok], image[ok], levels[ok]
-        kept = _nms_image_by_image(boxes, scores, levels, image, n, rpn.nms_thresh, rpn.post_nms_top_n())
+        kept = nms_image_by_image(boxes, scores, levels, image, n, rpn.nms_thresh, rpn.post_nms_top_n())
         return [boxes[k] for k in kept]
-
-    def _detections(self, logits: torch.Tensor, box_deltas: torch.Tensor, proposals: list[torch.Tensor], n: int):
-        """RoIHeads.postprocess_detections: decode, clip, drop background, low and empty boxes for
-        the whole batch, then NMS per class and the best detections_per_img, image by image."""
-        heads = self.model.roi_heads
-        n_cls = logits.shape[-1]
-        boxes = clip_boxes_to_image(heads.box_coder.decode(box_deltas, proposals), self.resized_hw)[:, 1:]
-        scores = torch.softmax(logits, -1)[:, 1:]
-        per_image = torch.tensor([len(p) for p in proposals], device=logits.device)
-        image = torch.repeat_interleave(torch.arange(n, device=logits.device), per_image)[:, None].expand_as(scores)
-        labels = torch.arange(1, n_cls, device=logits.device).expand_as(scores)
-        boxes, scores, image, labels = boxes.reshape(-1, 4), scores.reshape(-1), image.reshape(-1), labels.reshape(-1)
-        ok = torch.where(scores > heads.score_thresh)[0]
-        boxes, scores, image, labels = boxes[ok], scores[ok], image[ok], labels[ok]
-        ok = remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, image, labels = boxes[ok], scores[ok], image[ok], labels[ok]
-        kept = _nms_image_by_image(boxes, scores, labels, image, n, heads.nms_thresh, heads.detections_per_img)
-        keep = torch.cat(kept)
-        return boxes[keep], scores[keep], labels[keep], [len(k) for k in kept]
 
     @torch.inference_mode()
     def __call__(self, batch_u8: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -184,7 +159,11 @@ class SplitDetector:
         if self.pad_rois_to is not None and r < self.pad_rois_to:
             roi = torch.cat([roi, roi.new_zeros((self.pad_rois_to - r, *roi.shape[1:]))])
         logits, box_deltas = self.box(roi)
-        boxes, scores, labels, counts = self._detections(logits[:r].float(), box_deltas[:r].float(), proposals, n)
+        # The eager model's own last step (nms.py), for the whole batch at once.
+        dets = self.model.roi_heads.postprocess_detections(logits[:r].float(), box_deltas[:r].float(), proposals,
+                                                           [self.resized_hw] * n)
+        counts = [len(s) for s in dets[1]]
+        boxes, scores, labels = (torch.cat(t) for t in dets)
         # Back to the field's pixels with torchvision's ratios (original / resized, per axis).
         rh, rw = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
                   for o, s in zip((h, w), self.resized_hw))
@@ -201,8 +180,7 @@ def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndar
     native = [i for i, a in enumerate(images) if a.shape[:2] == NATIVE_HW]
     for k in range(0, len(native), batch_size):
         idx = native[k:k + batch_size]
-        batch = torch.from_numpy(np.stack([images[i] for i in idx])).to(device, non_blocking=True).permute(0, 3, 1, 2)
-        for i, d in zip(idx, detector(batch.contiguous())):
+        for i, d in zip(idx, detector(detector.upload([images[i] for i in idx]))):
             out[i] = detections_to_tuples(d)
     with torch.inference_mode():
         for i, a in enumerate(images):
