@@ -74,6 +74,7 @@ def train(
     mosaic: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
+    init: Optional[Path] = typer.Option(None, help="Start from a model folder's weights and architecture (e.g. engines) on a fresh schedule."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (smoke runs)."),
     time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count is fitted to it after 3 epochs."),
     export: Optional[Path] = typer.Option(None, help="Also write the best weights + model card to this folder."),
@@ -102,7 +103,7 @@ def train(
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
                f"{len(val_labels.records) if val_labels else 0}", err=True)
     summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,
-                           model_cfg, device, resume=resume, max_steps=max_steps,
+                           model_cfg, device, resume=resume, init=init, max_steps=max_steps,
                            log=lambda m: typer.echo(m, err=True))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if export:
@@ -320,13 +321,14 @@ def bench(
     engines: str = typer.Option("torch:8,compiled:32,tensorrt:32", help="engine:batch pairs, comma-separated."),
     devices: list[str] = typer.Option([], help="Also run the last engine end to end on these devices (cuda:0,cuda:1 or all); repeatable."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
+    decode_workers: int = typer.Option(4, min=1, help="Decode threads per engine, as `run --decode-workers`."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
     from .bench import run_bench, table
 
     pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
     rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
-                     log=lambda m: typer.echo(m, err=True))
+                     decode_workers, log=lambda m: typer.echo(m, err=True))
     typer.echo(table(rows))
 
 

@@ -23,7 +23,7 @@ from . import transforms as T
 from .decode import DecodeError, decode_file
 from .labels import LabelSet
 from .progress import Progress
-from .model import CLASSES, ModelConfig, build_model, detections_to_tuples, set_inference_size
+from .model import CLASSES, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
 from .score import COCOEvaluator, evaluate_all
 
 
@@ -130,8 +130,9 @@ def _summary_writer(out_dir: Path):
 
 def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None, val_root: Path | None,
           out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, device: str,
-          resume: Path | None = None, max_steps: int | None = None, log=print) -> dict:
-    """Train; writes out_dir/{last,best}.pt and history.json. Returns a summary dict."""
+          resume: Path | None = None, init: Path | None = None, max_steps: int | None = None, log=print) -> dict:
+    """Train; writes out_dir/{last,best}.pt and history.json. Returns a summary dict. `init`: a
+    model folder whose weights (and card architecture) to start from, on a fresh schedule."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -156,7 +157,14 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         # The checkpoint's architecture wins: resuming with other --backbone/--input-size flags
         # would otherwise fail to load, or train a different network than the one saved.
         model_cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
+    init_state = None
+    if init is not None and ck is None:
+        start, card = load_model(init)
+        model_cfg, init_state = ModelConfig.from_dict(card["architecture"]), start.state_dict()
+        log(f"starting from the weights in {init}")
     model = build_model(model_cfg).to(dev)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
