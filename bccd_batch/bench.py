@@ -51,15 +51,18 @@ def model_only(engine, images: list[np.ndarray], batch: int, repeats: int) -> fl
     return repeats * len(images) / (time.perf_counter() - t)
 
 
-def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int) -> dict:
+def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int,
+               decode_workers: int) -> dict:
     """One `bccd-batch run` over the folder. Images/s from the run's own clock, which starts once
     the engines are built (compiling takes tens of seconds per process and is paid once a night,
-    so it is reported apart as startup_s), and how long the engines waited for decoded images."""
+    so it is reported apart as startup_s), and how long the engines waited for decoded images.
+    More decode threads than the engine needs only slow it: its glue is Python that shares the
+    GIL and the cores with them (16 threads gave 245 images/s where 4 gave 278, one H200)."""
     from .pipeline import RunOptions, run
 
     t = time.perf_counter()
     res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
-                         batch_size=batch, decode_workers=min(16, os.cpu_count() or 4)), log=lambda m: None)
+                         batch_size=batch, decode_workers=decode_workers), log=lambda m: None)
     wall = time.perf_counter() - t
     timings = res.info["timings"]
     # Summed over workers, so divide by their number to get the share of each engine's run.
@@ -74,7 +77,7 @@ def open_fds() -> int:
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
-              device_sets: list[str] = (), log=print) -> list[dict]:
+              device_sets: list[str] = (), decode_workers: int = 4, log=print) -> list[dict]:
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
     several devices in `device_sets` (one worker process per device)."""
     from .engines import EngineError, select_engine
@@ -94,7 +97,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
                 torch.cuda.reset_peak_memory_stats()
             mo = model_only(engine, images, batch, repeats=3)
             rss0, fds0 = rss_mb(), open_fds()
-            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch)
+            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, decode_workers)
             rows.append({"engine": engine.name, "batch": batch, "devices": 1, "model_only_img_s": round(mo, 1),
                          **e2e, "images": n, "device": engine.device_name, "fds": f"{fds0} -> {open_fds()}",
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
@@ -109,7 +112,8 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
                 continue
             name, batch = next((e, b) for e, b in reversed(engines) if single["engine"].startswith(e))
             rss0, fds0 = rss_mb(), open_fds()
-            e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch)
+            e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch,
+                             decode_workers)
             rows.append({**single, "devices": len(multi), "model_only_img_s": "-", **e2e, "peak_gpu_mb": "-",
                          "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()), "fds": f"{fds0} -> {open_fds()}",
                          "scaling": round(e2e["end_to_end_img_s"] / single["end_to_end_img_s"], 2)})

@@ -3,11 +3,13 @@
 Every discovered image ends the run in exactly one state for this run: new (processed now),
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
 
-With one device everything runs in this process. With several (`--devices cuda:0,cuda:1` or
+With one device everything runs in this process (decode threads, one inference thread, the
+store in the calling thread). With several (`--devices cuda:0,cuda:1` or
 `all`) each device gets a worker process that reads, decodes and infers chunks of a shared work
 list, and this process is the single writer of the store. Processes, not threads: CUDA-graph
 replay in torch.compile is not thread-safe, and one process per GPU also gives each its own
-decode threads and Python interpreter.
+decode threads and Python interpreter (the glue between the GPU stages is Python: it needs a
+core and the GIL to itself).
 """
 
 from __future__ import annotations
@@ -263,7 +265,50 @@ class _InProcess:
         self.timings = _new_timings()
 
     def groups(self, files: list[ImageFile], known: dict, stop):
-        return _decoded_groups(files, known, self.engine, self.opts, self.timings, stop)
+        return _ahead(_decoded_groups(files, known, self.engine, self.opts, self.timings, stop))
+
+
+def _ahead(groups, depth: int = 2):
+    """Iterate `groups` on a thread of its own, at most `depth` groups ahead of the caller: the
+    engine infers the next batch while the caller stores the last (the store stays with the
+    caller, as SQLite connections belong to the thread that opened them). All engine calls
+    happen on that one thread, so compiled CUDA graphs are never replayed from two threads.
+    Exceptions come out of the caller's loop; closing the loop stops the thread after its batch."""
+    q: queue.Queue = queue.Queue(depth)
+    closing = threading.Event()
+
+    def put(item) -> bool:
+        while not closing.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with contextlib.closing(groups):
+                for g in groups:
+                    if not put((True, g)):
+                        return
+            put((False, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            put((False, e))
+
+    thread = threading.Thread(target=produce, name="bccd-batch inference", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = q.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        closing.set()
+        thread.join()
 
 
 def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
