@@ -68,7 +68,8 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     # Summed over workers, so divide by their number to get the share of each engine's run.
     n_dev = len(res.info["device"].split(","))
     return {"end_to_end_img_s": res.info["images_per_s"], "startup_s": round(wall - timings["wall_seconds"], 1),
-            "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1)}
+            "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1),
+            "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1)}
 
 
 def open_fds() -> int:
@@ -122,8 +123,8 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "devices", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct", "images",
-            "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "fds", "device"]
+    cols = ["engine", "batch", "devices", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
+            "engine_busy_pct", "images", "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.boxes import clip_boxes_to_image
@@ -151,18 +151,20 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
     # FasterRCNN builds its RoIHeads itself: keep torchvision's forward, swap only its last step,
-    # so the eager model and the split engines share one post-processing (nms.py).
-    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, model.roi_heads)
+    # so the eager model and the split engines share one post-processing (nms.py). Bound to the
+    # box coder, not the heads: a heads -> partial -> heads cycle would keep a dropped model (and
+    # its GPU memory) alive until the cyclic GC happened to run.
+    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, model.roi_heads.box_coder)
     set_inference_size(model, cfg)
     return model
 
 
-def postprocess_detections(cfg: ModelConfig, heads: RoIHeads, class_logits: torch.Tensor, box_regression: torch.Tensor,
+def postprocess_detections(cfg: ModelConfig, box_coder: BoxCoder, class_logits: torch.Tensor, box_regression: torch.Tensor,
                            proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]):
     """RoIHeads.postprocess_detections with the card's duplicate removal: per image lists of
     boxes, scores and labels, best first."""
     per_image = [len(p) for p in proposals]
-    boxes = heads.box_coder.decode(box_regression, proposals).split(per_image)
+    boxes = box_coder.decode(box_regression, proposals).split(per_image)
     boxes = [clip_boxes_to_image(b, hw)[:, 1:] for b, hw in zip(boxes, image_shapes)]
     scores = torch.softmax(class_logits, -1)[:, 1:].split(per_image)
     b, s, l, counts = select_detections(boxes, scores, cfg)
