@@ -311,7 +311,7 @@ def _ahead(groups, depth: int = 2):
         thread.join()
 
 
-def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int, threads: int) -> None:
+def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
     """One per device (a spawned process): build the engine, then read, decode and infer the chunks
     of (file, prior record) it takes from `tasks` until a None; send groups back on `results`.
     `halt` set: finish the batch in flight and stop, leaving what is only decoded to the next run."""
@@ -319,11 +319,6 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
     # service manager's SIGTERM to the whole process group must not kill workers mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Each worker would otherwise size torch's CPU thread pool to every core of the host, and
-    # N workers' pools would fight over them.
-    import torch
-
-    torch.set_num_threads(threads)
     try:
         engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=lambda m: None)
         results.put(("ready", device, engine.name, engine.device_name))
@@ -364,9 +359,7 @@ class _WorkerPool:
         self.tasks = ctx.Queue(maxsize=2 * len(devices))
         self.results = ctx.Queue()
         self.halt = ctx.Event()
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
-        self.procs = [ctx.Process(target=_device_worker,
-                                  args=(d, opts, self.tasks, self.results, self.halt, os.getpid(), threads),
+        self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.results, self.halt, os.getpid()),
                                   name=f"bccd-batch {d}", daemon=True) for d in devices]
 
     def __enter__(self):
