@@ -268,6 +268,18 @@ class _InProcess:
         return _ahead(_decoded_groups(files, known, self.engine, self.opts, self.timings, stop))
 
 
+def _put_until(q, item, give_up, timeout: float = 0.5) -> bool:
+    """Put on a bounded queue (threading or multiprocessing), waiting for room but never past
+    `give_up()`; False if it gave up."""
+    while not give_up():
+        try:
+            q.put(item, timeout=timeout)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _ahead(groups, depth: int = 2):
     """Iterate `groups` on a thread of its own, at most `depth` groups ahead of the caller: the
     engine infers the next batch while the caller stores the last (the store stays with the
@@ -278,13 +290,7 @@ def _ahead(groups, depth: int = 2):
     closing = threading.Event()
 
     def put(item) -> bool:
-        while not closing.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _put_until(q, item, closing.is_set, timeout=0.1)
 
     def produce() -> None:
         try:
@@ -407,22 +413,14 @@ class _WorkerPool:
         chunk_size = 2 * self.opts.batch_size
         abort = threading.Event()
 
-        def put(item, give_up) -> bool:
-            # Bounded queue: wait for room, but never past `give_up` (halted workers take nothing more).
-            while not give_up():
-                try:
-                    self.tasks.put(item, timeout=0.5)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
         def feed():
+            # Halted workers take nothing more: never wait for room past a stop or an abort.
             for i in range(0, len(files), chunk_size):
-                if not put([(f, known.get(f.rel)) for f in files[i:i + chunk_size]], lambda: abort.is_set() or stop()):
+                chunk = [(f, known.get(f.rel)) for f in files[i:i + chunk_size]]
+                if not _put_until(self.tasks, chunk, lambda: abort.is_set() or stop()):
                     break
             for _ in self.procs:
-                put(None, abort.is_set)
+                _put_until(self.tasks, None, abort.is_set)
 
         def halt_on_stop():
             if stop():
