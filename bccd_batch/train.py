@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     mosaic: float = 0.0           # probability that a training sample is a 2x2 mosaic of four fields
+    copy_paste: float = 0.0       # probability that platelets from other fields are pasted into a sample
     # Seconds for the whole run: after three epochs the epoch count is cut to what fits, so the
     # cosine schedule still ends at its floor when the time is up.
     time_budget: float | None = None
@@ -48,8 +49,8 @@ class TrainConfig:
 class DetectionDataset(torch.utils.data.Dataset):
     """Images decoded once into memory (BCCD-sized sets are small); augmentation per access."""
 
-    def __init__(self, labels: LabelSet, image_root: Path, train: bool, mosaic: float = 0.0):
-        self.train, self.mosaic, self.items = train, mosaic, []
+    def __init__(self, labels: LabelSet, image_root: Path, train: bool, mosaic: float = 0.0, copy_paste: float = 0.0):
+        self.train, self.mosaic, self.copy_paste, self.items = train, mosaic, copy_paste, []
         self.warnings = list(labels.warnings)
         for key in sorted(labels.records):
             rec = labels.records[key]
@@ -61,6 +62,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             boxes = torch.tensor([b[1:] for b in rec["boxes"]], dtype=torch.float32).reshape(-1, 4)
             cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in rec["boxes"]], dtype=torch.int64)
             self.items.append((key, img, boxes, cls))
+        paste = {CLASSES.index("Platelets") + 1}
+        self.paste_bank = [c for it in self.items for c in T.cell_crops(*it[1:], paste)] if copy_paste else []
 
     def __len__(self) -> int:
         return len(self.items)
@@ -73,6 +76,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             if random.random() < self.mosaic:
                 others = [self.items[random.randrange(len(self.items))] for _ in range(3)]
                 img, boxes, labels = T.mosaic([(img, boxes, labels)] + [o[1:] for o in others], random)
+            if random.random() < self.copy_paste:
+                img, boxes, labels = T.paste_cells(img, boxes, labels, self.paste_bank, random)
             img, boxes, labels = T.augment(img, boxes, labels, random)
         return img, {"boxes": boxes, "labels": labels, "key": key}
 
@@ -145,7 +150,7 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         # training 10x slower on an H100 (measured), so leave it off.
         torch.backends.cudnn.benchmark = False
 
-    train_ds = DetectionDataset(train_labels, train_root, train=True, mosaic=cfg.mosaic)
+    train_ds = DetectionDataset(train_labels, train_root, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste)
     val_ds = DetectionDataset(val_labels, val_root, train=False) if val_labels else None
     for w in train_ds.warnings + (val_ds.warnings if val_ds else []):
         log(f"warning: {w}")

@@ -79,6 +79,64 @@ def mosaic(samples, rng, min_kept=0.35):
     return canvas, torch.cat(out_boxes), torch.cat(out_labels)
 
 
+def cell_crops(img, boxes, labels, wanted, margin=4):
+    """(crop, box within the crop, label) for each cell of a `wanted` label, with `margin` pixels
+    of its surroundings: what `paste_cells` blends into other fields."""
+    _, h, w = img.shape
+    out = []
+    for b, l in zip(boxes.tolist(), labels.tolist()):
+        if l not in wanted or b[2] - b[0] < 2 or b[3] - b[1] < 2:
+            continue
+        x0, y0 = max(0, int(b[0]) - margin), max(0, int(b[1]) - margin)
+        x1, y1 = min(w, int(b[2] + 0.999) + margin), min(h, int(b[3] + 0.999) + margin)
+        out.append((img[:, y0:y1, x0:x1].clone(), torch.tensor([b[0] - x0, b[1] - y0, b[2] - x0, b[3] - y0]), l))
+    return out
+
+
+def _soft_ellipse(h: int, w: int, feather: float = 0.3) -> torch.Tensor:
+    """[h, w] alpha: 1 inside the ellipse inscribed in the crop, fading to 0 at its edge, so a pasted
+    cell brings a little of its own plasma and no rectangular seam (cells are round)."""
+    y = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    x = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    r = (y[:, None].square() + x[None, :].square()).sqrt()
+    return ((1 - r) / feather).clamp(0, 1)
+
+
+def paste_cells(img, boxes, labels, bank, rng, n_max=3, max_cover=0.2, tries=10):
+    """Copy-paste (Ghiasi et al., 2021) for boxes: blend 1..n_max crops from `bank` (`cell_crops`
+    of other fields) at random spots where no labelled cell has more than `max_cover` of the new
+    box over it, and label them. BCCD has about one platelet per field, the fewest examples of
+    any class; pasting shows the network more of them, in new neighbourhoods."""
+    if not bank:
+        return img, boxes, labels
+    _, H, W = img.shape
+    img, new_boxes, new_labels = img.clone(), [boxes], [labels]
+    occupied = boxes
+    for _ in range(rng.randint(1, n_max)):
+        crop, rel, label = bank[rng.randrange(len(bank))]
+        _, ch, cw = crop.shape
+        if ch >= H or cw >= W:
+            continue
+        for _ in range(tries):
+            x0, y0 = rng.randint(0, W - cw), rng.randint(0, H - ch)
+            box = rel + torch.tensor([x0, y0, x0, y0], dtype=rel.dtype)
+            lt = torch.maximum(occupied[:, :2], box[:2])
+            rb = torch.minimum(occupied[:, 2:], box[2:])
+            inter = (rb - lt).clamp(min=0).prod(1)
+            area = (box[2] - box[0]) * (box[3] - box[1])
+            if len(occupied) == 0 or (inter <= max_cover * area).all():
+                break
+        else:
+            continue
+        alpha = _soft_ellipse(ch, cw)
+        region = img[:, y0:y0 + ch, x0:x0 + cw].float()
+        img[:, y0:y0 + ch, x0:x0 + cw] = (alpha * crop.float() + (1 - alpha) * region).round().to(img.dtype)
+        occupied = torch.cat([occupied, box[None]])
+        new_boxes.append(box[None])
+        new_labels.append(torch.tensor([label], dtype=labels.dtype))
+    return img, torch.cat(new_boxes), torch.cat(new_labels)
+
+
 def augment(img, boxes, labels, rng):
     """`rng`: the `random` module or a `random.Random` (anything with random/uniform/randint)."""
     if rng.random() < 0.5:

@@ -53,3 +53,20 @@ def test_mosaic_keeps_each_cell_framed_and_labelled():
             x0, y0, x1, y1 = (int(v) for v in b.tolist())
             region = canvas[int(l), y0:y1, x0:x1]
             assert region.numel() and (region == 255).all()   # the box covers only its painted cell
+
+
+def test_pasted_cells_are_labelled_where_they_land_and_cover_no_labelled_cell():
+    rng = random.Random(1)
+    donor, donor_box = painted(20, 10, 28, 18, channel=2)
+    bank = T.cell_crops(donor, donor_box, torch.tensor([3]), wanted={3}, margin=2)
+    assert len(bank) == 1 and bank[0][0].shape == (3, 12, 12)
+    for _ in range(30):
+        img, boxes = painted(4, 4, 30, 30, channel=0)
+        out, b, l = T.paste_cells(img, boxes, torch.tensor([1]), bank, rng, n_max=3)
+        assert b[0].tolist() == boxes[0].tolist() and 2 <= len(b) <= 4 and l[1:].tolist() == [3] * (len(b) - 1)
+        for x0, y0, x1, y1 in b[1:].int().tolist():
+            # The soft mask is fully opaque over the cell itself, so its pixels arrive unchanged ...
+            assert (out[2, y0 + 2:y1 - 2, x0 + 2:x1 - 2] == 255).all()
+            # ... and no pasted box lies more than a fifth over the labelled cell.
+            overlap = max(0, min(x1, 30) - max(x0, 4)) * max(0, min(y1, 30) - max(y0, 4))
+            assert overlap <= 0.2 * (x1 - x0) * (y1 - y0)
