@@ -155,6 +155,7 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     # box coder, not the heads: a heads -> partial -> heads cycle would keep a dropped model (and
     # its GPU memory) alive until the cyclic GC happened to run.
     model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, model.roi_heads.box_coder)
+    model.config = cfg  # what the split engines' own glue reads (NMS kind, thresholds)
     set_inference_size(model, cfg)
     return model
 
@@ -183,9 +184,14 @@ def image_to_input(image: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
     """torchvision's output dict -> [(cls, score, x0, y0, x1, y1)], rounded to what the CSVs keep."""
-    boxes = d["boxes"].float().cpu().numpy().round(2).tolist()
-    scores = d["scores"].float().cpu().numpy().round(4).tolist()
-    return [(CLASSES[l - 1], s, *b) for b, s, l in zip(boxes, scores, d["labels"].cpu().tolist())]
+    return arrays_to_tuples(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy(), d["labels"].cpu().numpy())
+
+
+def arrays_to_tuples(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> list[tuple]:
+    """float32 boxes [N, 4], scores [N] and 1-based labels [N] -> detection tuples, rounded in
+    float32 (so every engine's numbers round alike)."""
+    return [(CLASSES[int(l) - 1], s, *b)
+            for b, s, l in zip(boxes.round(2).tolist(), scores.round(4).tolist(), labels.tolist())]
 
 
 def sha256_file(path: Path) -> str:

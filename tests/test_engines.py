@@ -33,7 +33,7 @@ def _assert_same_detections(got, ref, box_tol):
 
 def test_split_torch_stages_equal_eager(setup):
     model, images, ref = setup
-    det = SplitDetector(model, DenseStage(model).eval(), BoxStage(model).eval(), torch.device("cpu"), pad_rois_to=900)
+    det = SplitDetector(model, DenseStage(model).eval(), BoxStage(model).eval(), torch.device("cpu"))
     _assert_same_detections(infer_split(det, model, images, torch.device("cpu"), 2), ref, box_tol=0.011)
 
 
@@ -71,16 +71,32 @@ def test_tensorrt_engine_matches_eager(setup, tmp_path, monkeypatch):
     _assert_same_detections(eng.infer(images), ref, box_tol=0.5)
 
 
+def _compiled_counts_match(images, ref):
+    from bccd_batch.engines.split_engine import SplitEngine
+
+    eng = SplitEngine(MODEL, "cuda", 4, "compiled", "fp16")
+    got = eng.infer(images)
+    counts = lambda dets: sorted(d[0] for d in dets if d[1] >= 0.6)
+    return eng, sum(1 for g, r in zip(got, ref) if counts(g) == counts(r))
+
+
 @pytest.mark.gpu
 def test_compiled_engine_matches_eager(setup):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bccd_batch.engines.split_engine import SplitEngine
-
     model, images, ref = setup
-    eng = SplitEngine(MODEL, "cuda", 4, "compiled", "fp16")
-    got = eng.infer(images)
-    counts = lambda dets: sorted(d[0] for d in dets if d[1] >= 0.6)
-    same = sum(1 for g, r in zip(got, ref) if counts(g) == counts(r))
+    _, same = _compiled_counts_match(images, ref)
     FIGURES.append(f"engines: compiled fp16 gave identical per-image counts on {same}/{len(images)} images")
     assert same == len(images)
+
+
+@pytest.mark.gpu
+def test_compiled_engine_redoes_a_batch_whose_nms_did_not_settle(setup, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model, images, ref = setup
+    monkeypatch.setattr(SplitDetector, "GRAPH_NMS_ROUNDS", 1)
+    eng, same = _compiled_counts_match(images, ref)
+    (_, (_, converged), _), = eng.detector._graphs.values()
+    assert not bool(converged.cpu().all())   # the graph's one round was not enough ...
+    assert same == len(images)               # ... and the redone batches are still right

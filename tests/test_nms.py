@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 
 from bccd_batch.model import ModelConfig
-from bccd_batch.nms import matrix_nms_decay, select_detections
+from bccd_batch.nms import greedy_nms_keep, matrix_nms_decay, select_detections
 
 
 def _random_boxes(g: torch.Generator, n: int) -> torch.Tensor:
@@ -42,6 +42,27 @@ def test_matrix_decay_cases():
     # An invalid (filtered) candidate suppresses nothing.
     d = matrix_nms_decay(torch.stack([a, a]), torch.tensor([False, True]), 0.5)
     assert d[1] == 1
+
+
+def test_greedy_keep_is_torchvision_nms_within_groups():
+    g = torch.Generator().manual_seed(3)
+    boxes, scores = _random_boxes(g, 300), torch.rand(300, generator=g)
+    group = torch.randint(0, 4, (300,), generator=g)
+    order = scores.argsort(descending=True)
+    keep, converged = greedy_nms_keep(boxes[order], torch.ones(300, dtype=torch.bool), 0.5, group=group[order])
+    want = batched_nms(boxes, scores, group, 0.5)
+    assert bool(converged) and sorted(order[keep].tolist()) == sorted(want.tolist())
+
+
+def test_greedy_keep_reports_too_few_rounds():
+    # A chain: each box overlaps the next by IoU 0.6, so box 0 removes 1, 2 survives and removes 3,
+    # ... each round settles one more link.
+    boxes = torch.tensor([[4.0 * i, 0, 4.0 * i + 16, 10] for i in range(8)])
+    valid = torch.ones(8, dtype=torch.bool)
+    keep, converged = greedy_nms_keep(boxes, valid, 0.5, rounds=2)
+    assert not bool(converged)
+    keep, converged = greedy_nms_keep(boxes, valid, 0.5, rounds=8)
+    assert bool(converged) and keep.tolist() == [True, False] * 4
 
 
 def _candidates(g: torch.Generator, n_images: int, n_cls: int = 3):

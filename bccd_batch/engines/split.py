@@ -3,8 +3,9 @@
 Dense, static-shape graphs (what ONNX/TensorRT and torch.compile get):
   DenseStage: uint8 NCHW batch -> normalise -> backbone + FPN -> RPN head    (batch is the only dynamic axis)
   BoxStage:   RoI features [R, C, 7, 7] -> box head -> class logits, box deltas   (R = batch x proposals)
-Data-dependent steps stay torchvision CUDA/CPU ops between them (`SplitDetector`): anchor decoding,
-proposal top-k + NMS, MultiScaleRoIAlign and the final per-class NMS. They have no plugin-free
+The steps between them stay torchvision ops (`SplitDetector`): anchor decoding, proposal top-k and
+NMS, RoIAlign and the final per-class NMS, written in fixed shapes (padded slots, masks, the
+sync-free NMS of nms.py) so that a CUDA graph can hold a whole batch. They have no plugin-free
 TensorRT form worth having (TensorRT's own NMS is slower than torchvision's, and its NMS/RoIAlign
 plugins are deprecated), so no backend needs plugins.
 
@@ -22,12 +23,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
+from torchvision.ops.poolers import _setup_scales
 
-from ..model import detections_to_tuples, image_to_input
-from ..nms import nms_image_by_image
+from ..model import arrays_to_tuples, detections_to_tuples, image_to_input
+from ..nms import greedy_nms_keep, select_padded
 
 NATIVE_HW = (480, 640)
 
@@ -81,24 +85,47 @@ def dense_output_names(n_levels: int = 4) -> list[str]:
     return [f"fpn{i}" for i in range(3)] + [f"objectness{i}" for i in range(n_levels)] + [f"deltas{i}" for i in range(n_levels)]
 
 
+def _decode(coder: BoxCoder, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """BoxCoder.decode_single, same arithmetic in the same order, but with its 0.5 as a Python
+    number: torchvision makes it a device tensor on every call, a host-to-device copy that a CUDA
+    graph cannot hold."""
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = coder.weights
+    dx, dy = rel_codes[:, 0::4] / wx, rel_codes[:, 1::4] / wy
+    dw = torch.clamp(rel_codes[:, 2::4] / ww, max=coder.bbox_xform_clip)
+    dh = torch.clamp(rel_codes[:, 3::4] / wh, max=coder.bbox_xform_clip)
+    pred_ctr_x, pred_ctr_y = dx * widths[:, None] + ctr_x[:, None], dy * heights[:, None] + ctr_y[:, None]
+    half_w, half_h = 0.5 * (torch.exp(dw) * widths[:, None]), 0.5 * (torch.exp(dh) * heights[:, None])
+    return torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2).flatten(1)
+
+
 class SplitDetector:
     """Runs the split model with pluggable dense and box stages (eager modules, ONNX sessions,
     TensorRT engines or compiled graphs: any callable with the stages' signatures).
 
-    The glue between the stages computes what torchvision's RPN and RoI heads compute, with
-    anchors made once and decoding, clipping and filtering done for the whole batch at once, where
-    torchvision loops over images with a dozen small kernels each; only the proposals' NMS goes
-    image by image."""
+    The glue between the stages computes what torchvision's RPN and RoI heads compute, in fixed
+    shapes for the whole batch: every image gets exactly post_nms_top_n proposal slots (unused ones
+    masked), RoIAlign runs every RoI at every pyramid level and picks its own level's result, and
+    NMS is `nms.py`'s sync-free form. Nothing waits on the GPU until the one copy of the results, so
+    with `cuda_graph` the whole batch, stages and glue, is one CUDA-graph replay; without it
+    (TensorRT, CPU) the same code runs op by op."""
+
+    # NMS rounds in the captured graph: the proposals of 127 BCCD fields (all of val, 40 of train)
+    # needed at most 11 (measured on the CPU); a batch that needs more is redone without the graph.
+    GRAPH_NMS_ROUNDS = 16
 
     def __init__(self, model: FasterRCNN, dense: Callable[[torch.Tensor], Sequence[torch.Tensor]],
                  box: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                 pad_rois_to: int | None = None):
+                 cuda_graph: bool = False):
         self.model, self.dense, self.box, self.device = model, dense, box, device
         self.resized_hw, self.padded_hw = model_input_geometry(model)
-        # Static box graphs (CUDA graphs) need a fixed RoI count: pad with empty boxes, drop after.
-        self.pad_rois_to = pad_rois_to
-        self._anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self._anchors: dict[int, torch.Tensor] = {}
         self._pinned: dict[int, torch.Tensor] = {}
+        self._graphs: dict[int, tuple] = {}
+        self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pool_levels = None
 
     def upload(self, fields: list[np.ndarray]) -> torch.Tensor:
         """Native-size HxWx3 fields -> [B, 3, H, W] uint8 on the device. On CUDA through a pinned
@@ -114,63 +141,121 @@ class SplitDetector:
         np.stack(fields, out=self._pinned[n].numpy())
         return self._pinned[n].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
 
-    def _batch_anchors(self, n: int, fpn: list[torch.Tensor], objectness: list[torch.Tensor]):
-        """(anchors of the batch, pyramid level of each anchor of one image): both depend only on
-        the fixed geometry, so they are made once per batch size, not per batch."""
+    def _batch_anchors(self, n: int, fpn: list[torch.Tensor], objectness: list[torch.Tensor]) -> torch.Tensor:
+        """The batch's anchors: they depend only on the fixed geometry, so they are made once per
+        batch size, not per batch, and kept: a captured CUDA graph reads them where they are."""
         if n not in self._anchors:
             # The anchor generator only reads the padded batch's shape: a zero-stride view will do.
             placeholder = fpn[0].new_empty(()).expand(n, 3, *self.padded_hw)
             anchors = self.model.rpn.anchor_generator(ImageList(placeholder, [self.resized_hw] * n), fpn + [objectness[-1]])
-            per_level = torch.tensor([o[0].numel() for o in objectness], device=fpn[0].device)
-            levels = torch.repeat_interleave(torch.arange(len(objectness), device=fpn[0].device), per_level)
-            self._anchors = {n: (torch.cat(anchors), levels)}
+            self._anchors[n] = torch.cat(anchors)
         return self._anchors[n]
 
-    def _proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], fpn: list[torch.Tensor]):
-        """RegionProposalNetwork.filter_proposals: per-level top-k, clip, drop small and low boxes
-        for the whole batch, then NMS per level and the best post_nms_top_n, image by image."""
+    def _level_slots(self, per_level_top: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each level's top-k proposals sit in the concatenated [sum k] axis, as [L, k_max]
+        (shorter levels padded, with a mask), so that NMS can run level by level in one batch."""
+        key = tuple(per_level_top)
+        if key not in self._slots:
+            k_max, starts = max(key), np.cumsum((0,) + key[:-1])
+            idx = torch.tensor([[s + min(j, k - 1) for j in range(k_max)] for s, k in zip(starts, key)], device=device)
+            used = torch.tensor([[j < k for j in range(k_max)] for k in key], device=device)
+            self._slots[key] = (idx, used)
+        return self._slots[key]
+
+    def _proposals(self, objectness, deltas, fpn, rounds):
+        """RegionProposalNetwork.filter_proposals in fixed shapes: per-level top-k, clip, drop small
+        and low boxes, NMS within each level, the best post_nms_top_n. Returns proposals [n, k, 4],
+        which slots hold one [n, k], and whether the NMS converged."""
         rpn, n = self.model.rpn, objectness[0].shape[0]
         per_level = [o[0].numel() for o in objectness]
         obj, dl = concat_box_prediction_layers(objectness, deltas)
-        anchors, anchor_levels = self._batch_anchors(n, fpn, objectness)
-        proposals = rpn.box_coder.decode_single(dl, anchors).view(n, -1, 4)
+        anchors = self._batch_anchors(n, fpn, objectness)
+        proposals = _decode(rpn.box_coder, dl, anchors).view(n, -1, 4)
         obj = obj.view(n, -1)
+        # Per level, best first (topk sorts): NMS within a level needs no further sorting, and
+        # levels never suppress each other, so each is its own [k, k] block, not one [Lk, Lk].
         top = rpn._get_top_n_idx(obj, per_level)
-        levels = anchor_levels[top].reshape(-1)
-        rows = torch.arange(n, device=obj.device)[:, None]
-        boxes = clip_boxes_to_image(proposals[rows, top], self.resized_hw).reshape(-1, 4)
-        scores = torch.sigmoid(obj[rows, top]).reshape(-1)
-        image = rows.expand_as(top).reshape(-1)
-        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        ok = torch.where((ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh))[0]
-        boxes, scores, image, levels = boxes[ok], scores[ok], image[ok], levels[ok]
-        kept = nms_image_by_image(boxes, scores, levels, image, n, rpn.nms_thresh, rpn.post_nms_top_n())
-        return [boxes[k] for k in kept]
+        slots, used = self._level_slots([min(rpn.pre_nms_top_n(), c) for c in per_level], obj.device)
+        top = top[:, slots]                                                   # [n, L, k]
+        rows = torch.arange(n, device=obj.device)[:, None, None]
+        boxes = clip_boxes_to_image(proposals[rows, top], self.resized_hw)
+        scores = torch.sigmoid(obj[rows, top])
+        wh = boxes[..., 2:] - boxes[..., :2]
+        ok = used & (wh >= rpn.min_size).all(-1) & (scores >= rpn.score_thresh)
+        keep, converged = greedy_nms_keep(boxes, ok, rpn.nms_thresh, rounds=rounds)
+        best, slot = torch.where(keep, scores, -1.0).view(n, -1).topk(min(rpn.post_nms_top_n(), keep[0].numel()), dim=1)
+        return boxes.view(n, -1, 4).gather(1, slot[..., None].expand(-1, -1, 4)), best >= 0, converged
 
-    @torch.inference_mode()
-    def __call__(self, batch_u8: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """batch_u8: [B, 3, 480, 640] uint8 on self.device. Returns per-image CPU tensors."""
+    def _roi_features(self, fpn: list[torch.Tensor], proposals: torch.Tensor) -> torch.Tensor:
+        """MultiScaleRoIAlign without its data-dependent split by level: RoIAlign is computed per
+        RoI independently, so aligning every RoI on every level and keeping each RoI's own level
+        gives torchvision's values exactly, in shapes that never change."""
+        pool = self.model.roi_heads.box_roi_pool
+        if self._pool_levels is None:
+            self._pool_levels = _setup_scales(fpn, [self.resized_hw], pool.canonical_scale, pool.canonical_level)
+        scales, mapper = self._pool_levels
+        n, k, _ = proposals.shape
+        flat = proposals.reshape(-1, 4)
+        image = torch.arange(n, device=flat.device, dtype=flat.dtype)[:, None].expand(n, k).reshape(-1)
+        rois = torch.cat([image[:, None], flat], 1)
+        level = mapper([flat])
+        out = None
+        for lvl, (feat, scale) in enumerate(zip(fpn, scales)):
+            r = roi_align(feat, rois, pool.output_size, scale, pool.sampling_ratio)
+            out = r if out is None else torch.where((level == lvl)[:, None, None, None], r, out)
+        return out
+
+    def _forward(self, batch_u8: torch.Tensor, rounds: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (detections [B, k, 7]: x0, y0, x1, y1 in field pixels, score, label, kept; converged [2])."""
         n, _, h, w = batch_u8.shape
         outs = [o.float() for o in self.dense(batch_u8)]
         fpn, objectness, deltas = outs[:3], outs[3:7], outs[7:11]
-        proposals = self._proposals(objectness, deltas, fpn)
-        roi = self.model.roi_heads.box_roi_pool(dict(zip("012", fpn)), proposals, [self.resized_hw] * n)
-        r = roi.shape[0]
-        if self.pad_rois_to is not None and r < self.pad_rois_to:
-            roi = torch.cat([roi, roi.new_zeros((self.pad_rois_to - r, *roi.shape[1:]))])
-        logits, box_deltas = self.box(roi)
-        # The eager model's own last step (nms.py), for the whole batch at once.
-        dets = self.model.roi_heads.postprocess_detections(logits[:r].float(), box_deltas[:r].float(), proposals,
-                                                           [self.resized_hw] * n)
-        counts = [len(s) for s in dets[1]]
-        boxes, scores, labels = (torch.cat(t) for t in dets)
-        # Back to the field's pixels with torchvision's ratios (original / resized, per axis).
-        rh, rw = (torch.tensor(o, dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
-                  for o, s in zip((h, w), self.resized_hw))
-        boxes = boxes * torch.stack([rw, rh, rw, rh]).to(boxes.device)
-        # One device-to-host copy per tensor for the batch instead of three per image.
-        return [{"boxes": b, "scores": s, "labels": l}
-                for b, s, l in zip(*(t.cpu().split(counts) for t in (boxes, scores, labels)))]
+        proposals, slot_used, props_converged = self._proposals(objectness, deltas, fpn, rounds)
+        logits, box_deltas = self.box(self._roi_features(fpn, proposals))
+        heads = self.model.roi_heads
+        k = proposals.shape[1]
+        boxes = _decode(heads.box_coder, box_deltas.float(), proposals.reshape(-1, 4)).reshape(n * k, -1, 4)
+        boxes = clip_boxes_to_image(boxes, self.resized_hw)[:, 1:].reshape(n, k, -1, 4)
+        scores = torch.softmax(logits.float(), -1)[:, 1:].reshape(n, k, -1)
+        b, s, l, kept, dets_converged = select_padded(boxes, scores, slot_used, self.model.config, rounds)
+        # Back to the field's pixels with torchvision's float32 ratios (original / resized, per
+        # axis), as Python scalars: a tensor made here would be a host-to-device copy in the graph.
+        rh, rw = (float(np.float32(o) / np.float32(r)) for o, r in zip((h, w), self.resized_hw))
+        b = torch.stack([b[..., 0] * rw, b[..., 1] * rh, b[..., 2] * rw, b[..., 3] * rh], -1)
+        packed = torch.cat([b, s[..., None], l[..., None].to(b.dtype), kept[..., None].to(b.dtype)], -1)
+        return packed, torch.stack([props_converged, dets_converged])
+
+    def _graph(self, batch_u8: torch.Tensor):
+        """(input buffer, output buffers, graph) for this batch shape, captured on first use after
+        warm-up runs (which also compile any torch.compile'd stage)."""
+        n = batch_u8.shape[0]
+        if n not in self._graphs:
+            static_in = batch_u8.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._forward(static_in, self.GRAPH_NMS_ROUNDS)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the pipeline's other threads (decode, store) may call CUDA meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self._forward(static_in, self.GRAPH_NMS_ROUNDS)
+            self._graphs[n] = (static_in, static_out, graph)
+        return self._graphs[n]
+
+    @torch.inference_mode()
+    def __call__(self, batch_u8: torch.Tensor) -> list[list[tuple]]:
+        """batch_u8: [B, 3, 480, 640] uint8 on self.device -> per field its detection tuples."""
+        packed = converged = None
+        if self.cuda_graph:
+            static_in, (packed, converged), graph = self._graph(batch_u8)
+            static_in.copy_(batch_u8)
+            graph.replay()
+            packed, converged = packed.cpu(), converged.cpu()
+        if packed is None or not bool(converged.all()):
+            packed, converged = (t.cpu() for t in self._forward(batch_u8, None))
+        return [arrays_to_tuples(d[:, :4], d[:, 4], d[:, 5]) for d in (d[d[:, 6] > 0] for d in packed.numpy())]
 
 
 def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndarray], device: torch.device,
@@ -181,7 +266,7 @@ def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndar
     for k in range(0, len(native), batch_size):
         idx = native[k:k + batch_size]
         for i, d in zip(idx, detector(detector.upload([images[i] for i in idx]))):
-            out[i] = detections_to_tuples(d)
+            out[i] = d
     with torch.inference_mode():
         for i, a in enumerate(images):
             if out[i] is None:
