@@ -36,7 +36,7 @@ import numpy as np
 from . import __version__
 from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
-from .engines import EngineError, select_engine
+from .engines import EngineError, select_engine, submit
 from .model import read_card
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
@@ -180,14 +180,26 @@ def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
 def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: False):
     """Groups of (prepared, (h, w) or None, detections or None) ready to store: decoded images go
     through the engine `batch_size` at a time, failures and skips ride along with the next group.
-    Decoded arrays are dropped once inferred so memory stays flat. `timings` accumulates seconds
-    spent in the engine and seconds the engine sat waiting for decoded images."""
+    Each batch is submitted before the one before it is collected, so an engine that runs ahead
+    (`engines.submit`) has the GPU busy while this thread stacks the next batch. Decoded arrays are
+    dropped once inferred so memory stays flat. `timings` accumulates seconds spent in the engine
+    and seconds the engine sat waiting for decoded images."""
+    pending = None
+    for submitted in _submitted(prepared, engine, batch_size, timings, stop):
+        if pending is not None:
+            yield _collect_group(*pending, timings)
+        pending = submitted
+    if pending is not None:
+        yield _collect_group(*pending, timings)
+
+
+def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
     batch: list[_Prepared] = []
     done: list[_Prepared] = []
     it = iter(prepared)
     while True:
         if stop():
-            return      # what is decoded but not inferred is left to the next run
+            return      # what is decoded but not submitted is left to the next run
         t = time.monotonic()
         p = next(it, None)
         timings["decode_wait_seconds"] += time.monotonic() - t
@@ -195,10 +207,10 @@ def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: Fals
             break
         (batch if p.array is not None else done).append(p)
         if len(batch) >= batch_size or len(done) >= 256:
-            yield _infer_group(engine, batch, done, timings)
+            yield _submit_group(engine, batch, done, timings)
             batch, done = [], []
     if batch or done:
-        yield _infer_group(engine, batch, done, timings)
+        yield _submit_group(engine, batch, done, timings)
 
 
 def _decoded_groups(files, known: dict, engine, opts: RunOptions, timings: dict, stop=lambda: False):
@@ -216,9 +228,16 @@ def _new_timings() -> dict:
     return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0}
 
 
-def _infer_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict) -> list[tuple]:
+def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict):
     t = time.monotonic()
-    dets = engine.infer([p.array for p in batch]) if batch else []
+    collect = submit(engine, [p.array for p in batch]) if batch else list
+    timings["inference_seconds"] += time.monotonic() - t
+    return batch, done, collect
+
+
+def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, timings: dict) -> list[tuple]:
+    t = time.monotonic()
+    dets = collect()
     timings["inference_seconds"] += time.monotonic() - t
     group = []
     for p, d in zip(batch, dets):
@@ -484,7 +503,7 @@ def _run_locked(opts: RunOptions, out: Path, inference, log) -> RunResult:
     known = {r["rel"]: (r["size"], r["mtime_ns"], r["sha256"], r["status"], r["error"], r["model_sha256"])
              for r in store.db.execute("SELECT * FROM images WHERE root=?", (root,))}
     log(f"{len(files)} images under {opts.slides} -> {run_dir}")
-    status, n_inferred = "failed", 0
+    status, n_inferred, store_seconds, first_group_seconds = "failed", 0, 0.0, 0.0
     stop = _StopFlag()
     try:
         with stop:
@@ -492,7 +511,11 @@ def _run_locked(opts: RunOptions, out: Path, inference, log) -> RunResult:
             # closing(): on an error the decode threads / worker feed shut down here, not at GC.
             with contextlib.closing(inference.groups(files, known, lambda: stop.signum is not None)) as groups:
                 for group in groups:
+                    t = time.monotonic()
                     n_inferred += _store_group(store, run_id, root, model_sha, group)
+                    store_seconds += time.monotonic() - t
+                    # Includes the engine's warm-up (compilation, CUDA-graph capture) on a first batch.
+                    first_group_seconds = first_group_seconds or time.monotonic() - t0
                     prog.update(len(group))
             prog.close()
         status = "interrupted" if stop.signum is not None else "finished"
@@ -508,7 +531,9 @@ def _run_locked(opts: RunOptions, out: Path, inference, log) -> RunResult:
             "batch_size": opts.batch_size, "full": opts.full,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
-            "timings": {"wall_seconds": round(elapsed, 3), **{k: round(v, 3) for k, v in inference.timings.items()}},
+            "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
+                        "first_group_seconds": round(first_group_seconds, 3),
+                        **{k: round(v, 3) for k, v in inference.timings.items()}},
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
         data = gather(store, run_id, root, thresholds["count"])

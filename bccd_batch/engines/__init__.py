@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -19,6 +19,16 @@ class Engine(Protocol):
     device_name: str   # human-readable, e.g. "NVIDIA H100 80GB HBM3" or the CPU model
 
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]: ...
+
+
+def submit(engine: Engine, images: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:
+    """Start inferring a batch; calling the result returns its detections. Engines that can run
+    ahead (the split engines with a CUDA graph) return while the GPU works, so the caller can
+    prepare the next batch meanwhile; keep at most two batches in flight. Others finish first."""
+    if hasattr(engine, "submit"):
+        return engine.submit(images)
+    dets = engine.infer(images)
+    return lambda: dets
 
 
 ENGINE_CHOICES = ("auto", "torch", "compiled", "tensorrt")

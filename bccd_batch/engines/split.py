@@ -16,6 +16,7 @@ portrait fields) go through the eager model.
 
 from __future__ import annotations
 
+import collections
 from typing import Callable, Sequence
 
 import numpy as np
@@ -122,24 +123,63 @@ class SplitDetector:
         self.resized_hw, self.padded_hw = model_input_geometry(model)
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self._anchors: dict[int, torch.Tensor] = {}
-        self._pinned: dict[int, torch.Tensor] = {}
+        self._pinned: dict[tuple[int, int], torch.Tensor] = {}
+        self._host_out: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staged: dict[tuple[int, int], torch.cuda.Event] = {}
+        self._launches = 0
         self._graphs: dict[int, tuple] = {}
         self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pool_levels = None
 
-    def upload(self, fields: list[np.ndarray]) -> torch.Tensor:
+    def upload(self, fields: list[np.ndarray], slot: int = 0) -> torch.Tensor:
         """Native-size HxWx3 fields -> [B, 3, H, W] uint8 on the device. On CUDA through a pinned
-        host buffer kept per batch size: a copy from pageable memory is staged by the driver and
-        blocks the host (4.0 ms of a 32-field batch's copies were pageable, profiled on an H200).
-        Reusing the buffer is safe because every call ends by copying its results to the host,
-        which waits for this upload too."""
+        host buffer kept per batch size and `slot`: a copy from pageable memory is staged by the
+        driver and blocks the host (4.0 ms of a 32-field batch's copies were pageable, profiled
+        on an H200). The caller makes sure a slot's previous copy has finished (`launch`)."""
         if self.device.type != "cuda":
             return torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2).contiguous()
+        key = (len(fields), slot)
+        if key not in self._pinned:
+            self._pinned[key] = torch.empty((len(fields), *NATIVE_HW, 3), dtype=torch.uint8, pin_memory=True)
+        np.stack(fields, out=self._pinned[key].numpy())
+        return self._pinned[key].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+
+    def launch(self, fields: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:
+        """Start a batch of native-size fields; calling the result waits for and returns its
+        detections. With the CUDA graph it returns as soon as the work is queued, so the caller
+        can stack and upload the next batch while the GPU runs this one (two batches in flight,
+        each with its own pinned buffers). Without it the batch is done before it returns."""
+        if not self.cuda_graph:
+            dets = self(self.upload(fields))
+            return lambda: dets
+        slot = self._launches % 2
+        self._launches += 1
         n = len(fields)
-        if n not in self._pinned:
-            self._pinned[n] = torch.empty((n, *NATIVE_HW, 3), dtype=torch.uint8, pin_memory=True)
-        np.stack(fields, out=self._pinned[n].numpy())
-        return self._pinned[n].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+        if (n, slot) in self._staged:
+            self._staged[n, slot].synchronize()    # the pinned buffer's last upload has left it
+        batch = self.upload(fields, slot)
+        # The engine's device made current: graph capture and events use the current device's
+        # streams, and a worker on cuda:1 does not change which device is current.
+        with torch.cuda.device(self.device), torch.inference_mode():
+            static_in, (packed, converged), graph = self._graph(batch)
+            static_in.copy_(batch)
+            graph.replay()
+            if (n, slot) not in self._host_out:
+                self._host_out[n, slot] = (torch.empty(packed.shape, pin_memory=True), torch.empty(2, dtype=torch.bool, pin_memory=True))
+            host_packed, host_converged = self._host_out[n, slot]
+            host_packed.copy_(packed, non_blocking=True)
+            host_converged.copy_(converged, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self._staged[n, slot] = done
+
+        def collect() -> list[list[tuple]]:
+            done.synchronize()
+            if bool(host_converged.all()):
+                return _to_tuples(host_packed)
+            return self(batch)    # NMS needed more rounds than the graph has: redo without it
+
+        return collect
 
     def _batch_anchors(self, n: int, fpn: list[torch.Tensor], objectness: list[torch.Tensor]) -> torch.Tensor:
         """The batch's anchors: they depend only on the fixed geometry, so they are made once per
@@ -246,27 +286,35 @@ class SplitDetector:
 
     @torch.inference_mode()
     def __call__(self, batch_u8: torch.Tensor) -> list[list[tuple]]:
-        """batch_u8: [B, 3, 480, 640] uint8 on self.device -> per field its detection tuples."""
-        packed = converged = None
-        if self.cuda_graph:
-            static_in, (packed, converged), graph = self._graph(batch_u8)
-            static_in.copy_(batch_u8)
-            graph.replay()
-            packed, converged = packed.cpu(), converged.cpu()
-        if packed is None or not bool(converged.all()):
-            packed, converged = (t.cpu() for t in self._forward(batch_u8, None))
-        return [arrays_to_tuples(d[:, :4], d[:, 4], d[:, 5]) for d in (d[d[:, 6] > 0] for d in packed.numpy())]
+        """batch_u8: [B, 3, 480, 640] uint8 on self.device -> per field its detection tuples, op by
+        op (no CUDA graph), NMS iterated until it settles."""
+        return _to_tuples(self._forward(batch_u8, None)[0].cpu())
+
+
+def _to_tuples(packed: torch.Tensor) -> list[list[tuple]]:
+    return [arrays_to_tuples(d[:, :4], d[:, 4], d[:, 5]) for d in (d[d[:, 6] > 0] for d in packed.numpy())]
 
 
 def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndarray], device: torch.device,
                 batch_size: int) -> list[list[tuple]]:
-    """Native-size images through the split model in batches; any other size through the eager model."""
+    """Native-size images through the split model in batches, the next one launched before the
+    last is collected; any other size through the eager model."""
     out: list[list[tuple] | None] = [None] * len(images)
     native = [i for i, a in enumerate(images) if a.shape[:2] == NATIVE_HW]
+    in_flight: collections.deque = collections.deque()
+
+    def collect_oldest() -> None:
+        idx, collect = in_flight.popleft()
+        for i, d in zip(idx, collect()):
+            out[i] = d
+
     for k in range(0, len(native), batch_size):
         idx = native[k:k + batch_size]
-        for i, d in zip(idx, detector(detector.upload([images[i] for i in idx]))):
-            out[i] = d
+        in_flight.append((idx, detector.launch([images[i] for i in idx])))
+        if len(in_flight) == 2:
+            collect_oldest()
+    while in_flight:
+        collect_oldest()
     with torch.inference_mode():
         for i, a in enumerate(images):
             if out[i] is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,6 +58,14 @@ class SplitEngine:
         if d is None:
             raise EngineError("no TensorRT engine built for this GPU/model/precision: run `bccd-batch build-engine`")
         return TensorRTStage(d / "dense.plan", self.dev), TensorRTStage(d / "box.plan", self.dev)
+
+    def submit(self, images: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:
+        """A full batch of native fields is launched and returned at once (see
+        SplitDetector.launch); anything else is inferred before this returns."""
+        if len(images) == self.batch_size and all(a.shape[:2] == NATIVE_HW for a in images):
+            return self.detector.launch(images)
+        dets = self.infer(images)
+        return lambda: dets
 
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
         # Pad to the static batch with blank native-size fields; their detections are dropped.
