@@ -76,7 +76,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             if random.random() < self.mosaic:
                 others = [self.items[random.randrange(len(self.items))] for _ in range(3)]
                 img, boxes, labels = T.mosaic([(img, boxes, labels)] + [o[1:] for o in others], random)
-            if random.random() < self.copy_paste:
+            if self.copy_paste and random.random() < self.copy_paste:   # no draw when off: same stream as before
                 img, boxes, labels = T.paste_cells(img, boxes, labels, self.paste_bank, random)
             img, boxes, labels = T.augment(img, boxes, labels, random)
         return img, {"boxes": boxes, "labels": labels, "key": key}
