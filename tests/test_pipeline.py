@@ -207,3 +207,38 @@ def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd)
     cli("run", slides, "--out", out, "--devices", "cpu,cpu", check_rc=0)
     for name in ["detections.csv", "counts.csv", "slides.csv", "errors.csv"]:
         assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
+
+
+def test_batches_submit_the_next_before_collecting_the_last():
+    """An engine that can run ahead (the compiled one) is handed batch k+1 before batch k is
+    collected, and every detection still lands on its own image, failures riding along."""
+    import numpy as np
+
+    from bccd_batch.discover import ImageFile
+    from bccd_batch.pipeline import _Prepared, _batches, _new_timings
+
+    events = []
+
+    class RunsAhead:
+        def submit(self, images):
+            k = sum(1 for e in events if e[0] == "submit")
+            events.append(("submit", k))
+            dets = [[("RBC", 1.0, float(a[0, 0, 0]), 0.0, 1.0, 1.0)] for a in images]
+            return lambda: events.append(("collect", k)) or dets
+
+    prepared = []
+    for i in range(7):
+        p = _Prepared(ImageFile(f"s/{i}.jpg", "s", Path(f"/x/{i}.jpg")))
+        if i == 3:
+            p.error = "not a recognised image format"
+        else:
+            p.array = np.full((4, 4, 3), i, np.uint8)
+        prepared.append(p)
+    groups = list(_batches(iter(prepared), RunsAhead(), 2, _new_timings()))
+    assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("submit", 2), ("collect", 1),
+                      ("collect", 2)]
+    stored = [(p.file.rel, d) for g in groups for p, hw, d in g]
+    assert sorted(rel for rel, _ in stored) == [f"s/{i}.jpg" for i in range(7)]
+    for rel, d in stored:
+        i = int(rel[2])
+        assert d is None if i == 3 else d == [("RBC", 1.0, float(i), 0.0, 1.0, 1.0)]

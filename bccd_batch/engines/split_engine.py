@@ -1,6 +1,7 @@
-"""The GPU engines built on the split model: `compiled` (the dense stages through torch.compile with
-CUDA graphs, fp16, channels_last) and `tensorrt` (the cached TensorRT engines). Both run at one static
-batch size: short batches are padded, so no shape ever recompiles or leaves the optimisation profile."""
+"""The GPU engines built on the split model: `compiled` (the stages through torch.compile, fp16,
+channels_last, and each whole batch replayed as one CUDA graph) and `tensorrt` (the cached TensorRT
+engines, run op by op). Both run at one static batch size: short batches are padded, so no shape ever
+recompiles or leaves the optimisation profile."""
 
 from __future__ import annotations
 
