@@ -2,7 +2,7 @@
 once, no per-image loop and no host synchronisation, so a GPU engine can capture it in a CUDA graph.
 
 - `greedy_nms_keep`: exactly greedy NMS (what torchvision's `nms` keeps), computed as the fixed
-  point of "a candidate is kept unless a kept, higher-scoring candidate of its group overlaps it"
+  point of "a candidate is kept unless a kept, higher-scoring candidate overlaps it"
   (Cluster-NMS, Zheng et al., 2021). Used for the RPN's proposals and for `box_nms = "hard"`.
 - Gaussian Matrix NMS (Wang et al., SOLOv2, 2020), `box_nms = "matrix"`: each candidate's score
   decays by its overlap with every higher-scoring candidate of its class. In packed smears touching
@@ -29,10 +29,10 @@ def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
     return inter / (area[..., :, None] + area[..., None, :] - inter).clamp(min=1e-9)
 
 
-def greedy_nms_keep(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, group: torch.Tensor | None = None,
+def greedy_nms_keep(boxes: torch.Tensor, valid: torch.Tensor, thresh: float,
                     rounds: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """boxes [..., P, 4] sorted by descending score, valid [..., P], group [..., P] (candidates of
-    different groups never suppress each other) -> (keep [..., P], converged: 0-d bool tensor).
+    """boxes [..., P, 4] sorted by descending score, valid [..., P] -> (keep [..., P], converged:
+    0-d bool tensor). Leading axes are independent groups (images, pyramid levels, classes).
 
     Each round recomputes every candidate from the previous round's keep mask. Candidate j's
     answer depends only on candidates above it, so after r rounds the first r are final and the
@@ -40,10 +40,7 @@ def greedy_nms_keep(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, gro
     until nothing changes (one host sync per round); an int runs that many rounds without a sync
     and reports whether the mask had stopped changing, so a caller can redo the rare batch that
     needs more."""
-    over = (pairwise_iou(boxes) > thresh) & valid[..., :, None]
-    if group is not None:
-        over &= group[..., :, None] == group[..., None, :]
-    over = over.triu(1)
+    over = ((pairwise_iou(boxes) > thresh) & valid[..., :, None]).triu(1)
 
     def step(keep):
         return valid & ~(over & keep[..., :, None]).any(-2)
