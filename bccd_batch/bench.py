@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .decode import decode_file
-from .engines import submit
+from .engines import one_ahead, submit
 
 
 def rss_mb() -> float:
@@ -46,15 +46,9 @@ def model_only(engine, images: list[np.ndarray], batch: int, repeats: int) -> fl
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
-    pending = None
-    for _ in range(repeats):
-        for i in range(0, len(images), batch):
-            launched = submit(engine, images[i:i + batch])
-            if pending is not None:
-                pending()
-            pending = launched
-    if pending is not None:
-        pending()
+    batches = (images[i:i + batch] for _ in range(repeats) for i in range(0, len(images), batch))
+    for _ in one_ahead((submit(engine, b) for b in batches), lambda collect: collect()):
+        pass
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return repeats * len(images) / (time.perf_counter() - t)

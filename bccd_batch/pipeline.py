@@ -4,12 +4,12 @@ Every discovered image ends the run in exactly one state for this run: new (proc
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
 
 With one device everything runs in this process (decode threads, one inference thread, the
-store in the calling thread). With several (`--devices cuda:0,cuda:1` or
-`all`) each device gets a worker process that reads, decodes and infers chunks of a shared work
-list, and this process is the single writer of the store. Processes, not threads: CUDA-graph
-replay in torch.compile is not thread-safe, and one process per GPU also gives each its own
-decode threads and Python interpreter (the glue between the GPU stages is Python: it needs a
-core and the GIL to itself).
+store in the calling thread). With several (`--devices cuda:0,cuda:1` or `all`) each device gets
+a worker process that reads, decodes and infers chunks of a shared work list, and this process is
+the single writer of the store. Processes, not threads: a compiled engine's CUDA graph and its
+buffers are replayed from one thread, and one process per GPU also gives each its own decode
+threads and Python interpreter (the glue between the GPU stages is Python: it needs a core and
+the GIL to itself).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 from . import __version__
 from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
-from .engines import EngineError, select_engine, submit
+from .engines import EngineError, one_ahead, select_engine, submit
 from .model import read_card
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
@@ -184,13 +184,8 @@ def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: Fals
     (`engines.submit`) has the GPU busy while this thread stacks the next batch. Decoded arrays are
     dropped once inferred so memory stays flat. `timings` accumulates seconds spent in the engine
     and seconds the engine sat waiting for decoded images."""
-    pending = None
-    for submitted in _submitted(prepared, engine, batch_size, timings, stop):
-        if pending is not None:
-            yield _collect_group(*pending, timings)
-        pending = submitted
-    if pending is not None:
-        yield _collect_group(*pending, timings)
+    yield from one_ahead(_submitted(prepared, engine, batch_size, timings, stop),
+                         lambda submitted: _collect_group(*submitted, timings))
 
 
 def _submitted(prepared, engine, batch_size: int, timings: dict, stop):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,22 @@ def submit(engine: Engine, images: list[np.ndarray]) -> Callable[[], list[list[t
         return engine.submit(images)
     dets = engine.infer(images)
     return lambda: dets
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def one_ahead(submitted: Iterable[T], finish: Callable[[T], R]) -> Iterator[R]:
+    """finish(item) for each item of `submitted`, in order, each only once the next one has been
+    drawn, i.e. submitted: the one loop that keeps two batches in flight (`submit`)."""
+    pending, have = None, False
+    for item in submitted:
+        if have:
+            yield finish(pending)
+        pending, have = item, True
+    if have:
+        yield finish(pending)
 
 
 ENGINE_CHOICES = ("auto", "torch", "compiled", "tensorrt")

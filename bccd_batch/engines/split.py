@@ -16,7 +16,6 @@ portrait fields) go through the eager model.
 
 from __future__ import annotations
 
-import collections
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,6 +32,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from ..model import arrays_to_tuples, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
+from . import one_ahead
 
 NATIVE_HW = (480, 640)
 
@@ -301,20 +301,11 @@ def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndar
     last is collected; any other size through the eager model."""
     out: list[list[tuple] | None] = [None] * len(images)
     native = [i for i, a in enumerate(images) if a.shape[:2] == NATIVE_HW]
-    in_flight: collections.deque = collections.deque()
-
-    def collect_oldest() -> None:
-        idx, collect = in_flight.popleft()
-        for i, d in zip(idx, collect()):
+    chunks = (native[k:k + batch_size] for k in range(0, len(native), batch_size))
+    launched = ((idx, detector.launch([images[i] for i in idx])) for idx in chunks)
+    for idx, dets in one_ahead(launched, lambda item: (item[0], item[1]())):
+        for i, d in zip(idx, dets):
             out[i] = d
-
-    for k in range(0, len(native), batch_size):
-        idx = native[k:k + batch_size]
-        in_flight.append((idx, detector.launch([images[i] for i in idx])))
-        if len(in_flight) == 2:
-            collect_oldest()
-    while in_flight:
-        collect_oldest()
     with torch.inference_mode():
         for i, a in enumerate(images):
             if out[i] is None:
