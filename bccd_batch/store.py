@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 
 STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
 
+SCHEMA_VERSION = 2   # PRAGMA user_version; 0 is the first layout (detections keyed by root, rel)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -24,6 +26,7 @@ CREATE TABLE IF NOT EXISTS runs (
     info TEXT NOT NULL DEFAULT '{}'     -- run.json's provenance, as JSON
 );
 CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,             -- stable for the image's life: detections point here
     root TEXT NOT NULL,                 -- resolved slides root
     rel TEXT NOT NULL,                  -- path relative to it, POSIX
     slide TEXT NOT NULL,
@@ -33,14 +36,16 @@ CREATE TABLE IF NOT EXISTS images (
     error TEXT,
     model_sha256 TEXT,                  -- detections below came from this model
     run_id INTEGER NOT NULL,            -- the run that last processed it
-    PRIMARY KEY (root, rel)
+    UNIQUE (root, rel)
 );
+-- Keyed by the image's integer id, not its (root, rel) text: inserting the ~25 rows of every field
+-- through a text index cost the store about half its speed, and the store is the run's single writer.
 CREATE TABLE IF NOT EXISTS detections (
-    root TEXT NOT NULL, rel TEXT NOT NULL,
+    image_id INTEGER NOT NULL,          -- images.id
     cls TEXT NOT NULL, score REAL NOT NULL,
     x0 REAL NOT NULL, y0 REAL NOT NULL, x1 REAL NOT NULL, y1 REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS detections_image ON detections (root, rel);
+CREATE INDEX IF NOT EXISTS detections_by_image ON detections (image_id);
 CREATE TABLE IF NOT EXISTS run_images (
     run_id INTEGER NOT NULL, rel TEXT NOT NULL,
     outcome TEXT NOT NULL,              -- new | skipped | failed
@@ -52,6 +57,22 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 """
 
+# Version 0 -> 2 (OUT folders written before the integer image key): copy images and detections
+# into the new tables, detections in their original order, in one transaction with the rest.
+MIGRATE_FROM_0 = """
+ALTER TABLE images RENAME TO images_v0;
+ALTER TABLE detections RENAME TO detections_v0;
+{schema}
+INSERT INTO images (root, rel, slide, size, mtime_ns, sha256, width, height, status, error, model_sha256, run_id)
+    SELECT root, rel, slide, size, mtime_ns, sha256, width, height, status, error, model_sha256, run_id
+    FROM images_v0 ORDER BY root, rel;
+INSERT INTO detections (image_id, cls, score, x0, y0, x1, y1)
+    SELECT i.id, d.cls, d.score, d.x0, d.y0, d.x1, d.y1
+    FROM detections_v0 d JOIN images i ON i.root = d.root AND i.rel = d.rel ORDER BY d.rowid;
+DROP TABLE detections_v0;
+DROP TABLE images_v0;
+"""
+
 
 class Store:
     def __init__(self, path: Path):
@@ -61,7 +82,19 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by any earlier version to SCHEMA_VERSION (one transaction: a
+        crash mid-way leaves the old layout, which the next open migrates again)."""
+        with self.transaction():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"{self.path} was written by a newer bccd-batch (store version {version})")
+            columns = {r["name"] for r in self.db.execute("PRAGMA table_info(detections)")}
+            for statement in (MIGRATE_FROM_0.format(schema=SCHEMA) if "rel" in columns else SCHEMA).split(";"):
+                self.db.execute(statement)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -100,14 +133,18 @@ class Store:
                      width=None, height=None, error: str | None = None, model_sha256: str | None = None,
                      detections: Iterable[tuple] = ()) -> None:
         """Replace everything known about one image; call inside a transaction."""
-        self.db.execute("DELETE FROM detections WHERE root=? AND rel=?", (root, rel))
-        self.db.execute(
-            "INSERT OR REPLACE INTO images (root, rel, slide, size, mtime_ns, sha256, width, height, status, error,"
-            " model_sha256, run_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        image_id = self.db.execute(
+            "INSERT INTO images (root, rel, slide, size, mtime_ns, sha256, width, height, status, error,"
+            " model_sha256, run_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (root, rel) DO UPDATE SET slide=excluded.slide, size=excluded.size,"
+            " mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, width=excluded.width, height=excluded.height,"
+            " status=excluded.status, error=excluded.error, model_sha256=excluded.model_sha256,"
+            " run_id=excluded.run_id RETURNING id",
             (root, rel, slide, size, mtime_ns, sha256, width, height, "error" if error else "ok", error,
-             model_sha256, run_id))
-        self.db.executemany("INSERT INTO detections (root, rel, cls, score, x0, y0, x1, y1) VALUES (?,?,?,?,?,?,?,?)",
-                            [(root, rel, *d) for d in detections])
+             model_sha256, run_id)).fetchone()[0]
+        self.db.execute("DELETE FROM detections WHERE image_id=?", (image_id,))
+        self.db.executemany("INSERT INTO detections (image_id, cls, score, x0, y0, x1, y1) VALUES (?,?,?,?,?,?,?)",
+                            [(image_id, *d) for d in detections])
         self.mark(run_id, rel, "failed" if error else "new")
 
     def mark(self, run_id: int, rel: str, outcome: str) -> None:
@@ -124,7 +161,9 @@ class Store:
             " WHERE r.run_id=? ORDER BY i.rel", (root, run_id)).fetchall()
 
     def detections(self, root: str) -> Iterator[sqlite3.Row]:
-        yield from self.db.execute("SELECT * FROM detections WHERE root=? ORDER BY rel, score DESC, rowid", (root,))
+        yield from self.db.execute(
+            "SELECT i.rel, d.* FROM detections d JOIN images i ON i.id = d.image_id WHERE i.root=?"
+            " ORDER BY i.rel, d.score DESC, d.rowid", (root,))
 
     # metrics --------------------------------------------------------------------------------
     def save_metrics(self, run_id: int, metrics: dict) -> None:

@@ -52,7 +52,7 @@ def test_run_outputs_rerun_and_full(slides, tmp_path):
     assert json.loads((out / "latest" / "run.json").read_text())["images"]["new"] == 5
     db = sqlite3.connect(out / "bccd-batch.sqlite")
     assert db.execute("SELECT COUNT(*) FROM runs WHERE status='finished'").fetchone()[0] == 4
-    assert db.execute("SELECT COUNT(DISTINCT rel) FROM detections").fetchone()[0] == 5
+    assert db.execute("SELECT COUNT(DISTINCT image_id) FROM detections").fetchone()[0] == 5
 
 
 def test_usage_errors_exit_2(tmp_path, slides):
