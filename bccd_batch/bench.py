@@ -18,11 +18,7 @@ import torch
 
 from .decode import decode_file
 from .engines import one_ahead, submit
-
-
-def rss_mb() -> float:
-    """Resident set size of this process, from /proc."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from .pipeline import open_fds, rss_mb
 
 
 def make_folder(src: Path, n: int, dest: Path) -> Path:
@@ -74,12 +70,10 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
             "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1),
             "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1),
             "store_busy_pct": round(100 * timings["store_seconds"] / timings["wall_seconds"], 1),
-            "first_group_s": timings["first_group_seconds"]}
-
-
-def open_fds() -> int:
-    """Open file descriptors of this process, from /proc."""
-    return len(os.listdir("/proc/self/fd"))
+            "first_group_s": timings["first_group_seconds"],
+            # The worker processes' own memory (they decode and infer), after their first batch -> at the end.
+            "worker_rss_mb": ", ".join(f"{m['rss_mb_first_group']} -> {m['rss_mb_end']}"
+                                       for m in res.info["worker_memory"].values())}
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
@@ -129,7 +123,8 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 def table(rows: list[dict]) -> str:
     cols = ["engine", "batch", "devices", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
-            "engine_busy_pct", "store_busy_pct", "first_group_s", "images", "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "fds", "device"]
+            "engine_busy_pct", "store_busy_pct", "first_group_s", "images", "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb",
+            "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

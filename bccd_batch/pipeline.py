@@ -3,13 +3,13 @@
 Every discovered image ends the run in exactly one state for this run: new (processed now),
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
 
-With one device everything runs in this process (decode threads, one inference thread, the
-store in the calling thread). With several (`--devices cuda:0,cuda:1` or `all`) each device gets
-a worker process that reads, decodes and infers chunks of a shared work list, and this process is
-the single writer of the store. Processes, not threads: a compiled engine's CUDA graph and its
-buffers are replayed from one thread, and one process per GPU also gives each its own decode
-threads and Python interpreter (the glue between the GPU stages is Python: it needs a core and
-the GIL to itself).
+Each device (one by default; `--devices cuda:0,cuda:1` or `all` for several) gets a worker process
+that reads, decodes and infers chunks of a shared work list; this process is the single writer of
+the store. Processes, not threads, also for one device: the store's SQLite calls release and retake
+the GIL for every row (~25 per field), and in one process with the decode threads and the engine's
+Python glue each retake waited its turn, so the store, not the GPU, bounded the run (one H200:
+~750 images/s end to end, the storing thread 95% busy, against ~5,700 images/s for the store alone).
+A worker also keeps a compiled engine's CUDA graph and buffers on the one thread that replays them.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from . import __version__
 from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
 from .engines import EngineError, one_ahead, select_engine, submit
-from .model import read_card
+from .model import ModelError, read_card
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
 from .store import STORE_NAME, Store
@@ -210,8 +210,7 @@ def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
 
 def _decoded_groups(files, known: dict, engine, opts: RunOptions, timings: dict, stop=lambda: False):
     """Read, hash and decode `files` (any iterable) on a thread pool, at most a bounded window
-    ahead, and yield the stored-ready groups of `_batches`: the one loop both the in-process run
-    and each device worker run."""
+    ahead, and yield the stored-ready groups of `_batches`: each device worker's loop."""
     model_sha = engine.card["weights"]["sha256"]
     window = max(2 * opts.batch_size, 4 * opts.decode_workers)
     with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
@@ -241,6 +240,16 @@ def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, timin
     return group + [(p, None, None) for p in done]
 
 
+def rss_mb() -> float:
+    """Resident set size of this process, from /proc."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def open_fds() -> int:
+    """Open file descriptors of this process, from /proc."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def parse_devices(spec: str) -> list[str]:
     """`cuda:0,cuda:1` -> both; `all` -> every CUDA GPU (the CPU where there is none); else one."""
     if spec == "all":
@@ -260,31 +269,15 @@ def run(opts: RunOptions, log=print) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        devices = parse_devices(opts.device)
-        if len(devices) == 1:
-            engine = select_engine(opts.engine, devices[0], opts.model_dir, opts.batch_size, log=log)
-            return _run_locked(opts, out, _InProcess(engine, opts), log)
-        with _WorkerPool(devices, opts, log) as workers:
+        with _WorkerPool(parse_devices(opts.device), opts, log) as workers:
             return _run_locked(opts, out, workers, log)
     finally:
         lock.close()
 
 
-class _InProcess:
-    """One engine in this process: decode threads feed it, the caller stores each group."""
-
-    def __init__(self, engine, opts: RunOptions):
-        self.engine, self.opts = engine, opts
-        self.card, self.name, self.device, self.device_name = engine.card, engine.name, engine.device, engine.device_name
-        self.timings = _new_timings()
-
-    def groups(self, files: list[ImageFile], known: dict, stop):
-        return _ahead(_decoded_groups(files, known, self.engine, self.opts, self.timings, stop))
-
-
 def _put_until(q, item, give_up, timeout: float = 0.5) -> bool:
-    """Put on a bounded queue (threading or multiprocessing), waiting for room but never past
-    `give_up()`; False if it gave up."""
+    """Put on a bounded multiprocessing queue, waiting for room but never past `give_up()`; False
+    if it gave up."""
     while not give_up():
         try:
             q.put(item, timeout=timeout)
@@ -292,43 +285,6 @@ def _put_until(q, item, give_up, timeout: float = 0.5) -> bool:
         except queue.Full:
             continue
     return False
-
-
-def _ahead(groups, depth: int = 2):
-    """Iterate `groups` on a thread of its own, at most `depth` groups ahead of the caller: the
-    engine infers the next batch while the caller stores the last (the store stays with the
-    caller, as SQLite connections belong to the thread that opened them). All engine calls
-    happen on that one thread, so compiled CUDA graphs are never replayed from two threads.
-    Exceptions come out of the caller's loop; closing the loop stops the thread after its batch."""
-    q: queue.Queue = queue.Queue(depth)
-    closing = threading.Event()
-
-    def put(item) -> bool:
-        return _put_until(q, item, closing.is_set, timeout=0.1)
-
-    def produce() -> None:
-        try:
-            with contextlib.closing(groups):
-                for g in groups:
-                    if not put((True, g)):
-                        return
-            put((False, None))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            put((False, e))
-
-    thread = threading.Thread(target=produce, name="bccd-batch inference", daemon=True)
-    thread.start()
-    try:
-        while True:
-            more, item = q.get()
-            if not more:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        closing.set()
-        thread.join()
 
 
 def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
@@ -339,11 +295,24 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
     # service manager's SIGTERM to the whole process group must not kill workers mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def parent_gone() -> bool:
+        return os.getppid() != parent_pid
+
+    def send(msg) -> None:
+        if not _put_until(results, msg, parent_gone):
+            results.cancel_join_thread()    # nobody will read us
+            os._exit(1)
+
     try:
-        engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=lambda m: None)
-        results.put(("ready", device, engine.name, engine.device_name))
+        engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size,
+                               log=lambda m: send(("log", device, m)))
+        if hasattr(engine, "warm_up"):      # GPU engines: compile before the run's clock starts
+            engine.warm_up()
+        send(("ready", device, engine.name, engine.device_name, engine.device))
         timings = _new_timings()
         known: dict = {}
+        memory = {"rss_mb_first_group": None, "rss_mb_end": None}
 
         def files():
             # One continuous stream over the chunks, so the decode window stays full across them.
@@ -351,7 +320,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
                 try:
                     chunk = tasks.get(timeout=5)
                 except queue.Empty:
-                    if os.getppid() != parent_pid:   # the parent was killed: nobody will read us
+                    if parent_gone():
                         results.cancel_join_thread()
                         os._exit(1)
                     continue
@@ -363,10 +332,15 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
                     yield f
 
         for group in _decoded_groups(files(), known, engine, opts, timings, halt.is_set):
-            results.put(("group", group))
-        results.put(("done", device, timings))
+            # After the first group: engine built, compiled, warmed up; growth from here is a leak.
+            memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
+            send(("group", group))
+        memory["rss_mb_end"] = round(rss_mb())
+        send(("done", device, timings, memory))
+    except (EngineError, ModelError) as e:
+        send(("error", device, str(e), True))
     except BaseException:
-        results.put(("error", device, traceback.format_exc(limit=8)))
+        send(("error", device, traceback.format_exc(limit=8), False))
 
 
 class _WorkerPool:
@@ -377,7 +351,8 @@ class _WorkerPool:
         self.opts, self.devices, self.log = opts, devices, log
         self.card = read_card(opts.model_dir)
         self.tasks = ctx.Queue(maxsize=2 * len(devices))
-        self.results = ctx.Queue()
+        # Bounded too: workers that outrun the store wait rather than pile results up in memory.
+        self.results = ctx.Queue(maxsize=8 * len(devices))
         self.halt = ctx.Event()
         self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.results, self.halt, os.getpid()),
                                   name=f"bccd-batch {d}", daemon=True) for d in devices]
@@ -387,22 +362,34 @@ class _WorkerPool:
             p.start()
         names = []
         try:
-            for _ in self.procs:
+            while len(names) < len(self.procs):
                 msg = self._get()
                 if msg[0] == "error":
+                    where = "" if len(self.devices) == 1 else f"{msg[1]}: "
+                    if msg[3]:      # the engine or model cannot be used: a usage error, no traceback
+                        raise EngineError(where + msg[2])
                     raise EngineError(f"worker for {msg[1]} failed to start:\n{msg[2]}")
-                names.append(msg)
+                if msg[0] == "ready":
+                    names.append(msg)
+                else:
+                    self._log(msg)
         except BaseException:
             for p in self.procs:
                 p.kill()
             raise
+        names.sort(key=lambda m: self.devices.index(m[1]))
         self.name = names[0][2]
         # Summed over the workers: seconds of engine time and of engines waiting for decode.
         self.timings = _new_timings()
-        self.device = ",".join(self.devices)
+        self.memory: dict[str, dict] = {}       # per device: the worker's RSS after its first group and at its end
+        self.device = ",".join(m[4] for m in names)     # what the engines run on (cuda without a GPU: cpu)
         self.device_name = ", ".join(sorted({m[3] for m in names}))
-        self.log(f"{len(self.procs)} device workers: " + ", ".join(f"{m[1]} {m[2]}" for m in names))
+        workers = ", ".join(f"{m[1]} {m[2]} ({m[3]})" for m in names)
+        self.log(f"{len(self.procs)} device workers: {workers}" if len(names) > 1 else f"engine: {workers}")
         return self
+
+    def _log(self, msg) -> None:
+        self.log(msg[2] if len(self.devices) == 1 else f"{msg[1]}: {msg[2]}")
 
     def __exit__(self, *exc):
         # Chunks nobody will take may still sit in the task pipe: don't wait at exit to flush them.
@@ -453,6 +440,9 @@ class _WorkerPool:
                     finished += 1
                     for k, v in msg[2].items():
                         self.timings[k] += v
+                    self.memory[msg[1]] = msg[3]
+                elif msg[0] == "log":
+                    self._log(msg)
                 else:
                     raise RuntimeError(f"worker for {msg[1]} failed:\n{msg[2]}")
         finally:
@@ -481,8 +471,7 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
     return n
 
 
-def _run_locked(opts: RunOptions, out: Path, inference, log) -> RunResult:
-    """`inference`: an _InProcess or a _WorkerPool, the two ways images become stored groups."""
+def _run_locked(opts: RunOptions, out: Path, inference: "_WorkerPool", log) -> RunResult:
     card = inference.card
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]
@@ -529,6 +518,7 @@ def _run_locked(opts: RunOptions, out: Path, inference, log) -> RunResult:
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
                         "first_group_seconds": round(first_group_seconds, 3),
                         **{k: round(v, 3) for k, v in inference.timings.items()}},
+            "worker_memory": inference.memory,
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
         data = gather(store, run_id, root, thresholds["count"])

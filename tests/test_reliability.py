@@ -272,8 +272,9 @@ def test_fuzz_voc(tmp_path, doc):
 
 
 def test_soak_memory_and_fds_stay_flat(tmp_path):
-    """A few hundred images in-process (CI's size; the 10,000-image soak runs on the GPU)."""
-    from bccd_batch.bench import open_fds, rss_mb
+    """A few hundred images (CI's size; the 10,000-image soak runs on the GPU): this process (the
+    store) and the worker that infers keep memory and file descriptors flat."""
+    from bccd_batch.pipeline import open_fds, rss_mb
     from bccd_batch.pipeline import RunOptions, run
 
     src = sorted((DATA / "JPEGImages").glob("*.jpg"))
@@ -295,8 +296,12 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
     assert result.info["images"]["new"] == n
     assert fds1 <= fds0 + 2
     assert rss1 - rss0 < 150, (rss0, rss1)
+    # The worker that decoded and inferred, from its first stored batch (engine warm) to its end.
+    worker = next(iter(result.info["worker_memory"].values()))
+    assert worker["rss_mb_end"] - worker["rss_mb_first_group"] < 150, worker
     summary(f"soak: {n} images on {result.info['device_name']} ({result.info['engine']}), "
-            f"RSS {rss0:.0f} -> {rss1:.0f} MB, open fds {fds0} -> {fds1}")
+            f"RSS {rss0:.0f} -> {rss1:.0f} MB (worker {worker['rss_mb_first_group']} -> {worker['rss_mb_end']} MB), "
+            f"open fds {fds0} -> {fds1}")
 
 
 @pytest.mark.gpu

@@ -60,6 +60,11 @@ class SplitEngine:
             raise EngineError("no TensorRT engine built for this GPU/model/precision: run `bccd-batch build-engine`")
         return TensorRTStage(d / "dense.plan", self.dev), TensorRTStage(d / "box.plan", self.dev)
 
+    def warm_up(self) -> None:
+        """Compile, tune and capture now, on a blank full batch, rather than inside the first
+        batches of a run (a fresh worker process compiles its graphs anew)."""
+        self.submit([np.zeros((*NATIVE_HW, 3), np.uint8)] * self.batch_size)()
+
     def submit(self, images: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:
         """A full batch of native fields is launched and returned at once (see
         SplitDetector.launch); anything else is inferred before this returns."""
