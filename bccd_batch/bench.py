@@ -51,7 +51,7 @@ def model_only(engine, images: list[np.ndarray], batch: int, repeats: int) -> fl
 
 
 def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int,
-               decode_workers: int) -> dict:
+               decode_workers: int, workers_per_device: int | None) -> dict:
     """One `bccd-batch run` over the folder. Images/s from the run's own clock, which starts once
     the engines are built (compiling takes tens of seconds per process and is paid once a night,
     so it is reported apart as startup_s), and how long the engines waited for decoded images.
@@ -61,12 +61,14 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
     t = time.perf_counter()
     res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
-                         batch_size=batch, decode_workers=decode_workers), log=lambda m: None)
+                         batch_size=batch, decode_workers=decode_workers, workers_per_device=workers_per_device),
+              log=lambda m: None)
     wall = time.perf_counter() - t
     timings = res.info["timings"]
     # Summed over workers, so divide by their number to get the share of each engine's run.
-    n_dev = len(res.info["device"].split(","))
-    return {"end_to_end_img_s": res.info["images_per_s"], "startup_s": round(wall - timings["wall_seconds"], 1),
+    workers = res.info["device"].split(",")
+    n_dev = len(workers)
+    return {"devices": len(set(workers)), "workers": n_dev, "end_to_end_img_s": res.info["images_per_s"], "startup_s": round(wall - timings["wall_seconds"], 1),
             "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1),
             "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1),
             "store_busy_pct": round(100 * timings["store_seconds"] / timings["wall_seconds"], 1),
@@ -77,9 +79,10 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
-              device_sets: list[str] = (), decode_workers: int = 4, log=print) -> list[dict]:
+              device_sets: list[str] = (), decode_workers: int = 4, workers_per_device: int | None = None,
+              log=print) -> list[dict]:
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
-    several devices in `device_sets` (one worker process per device)."""
+    several devices in `device_sets` (worker processes per device as in `run`)."""
     from .engines import EngineError, select_engine
     from .pipeline import parse_devices
 
@@ -97,8 +100,9 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
                 torch.cuda.reset_peak_memory_stats()
             mo = model_only(engine, images, batch, repeats=3)
             rss0, fds0 = rss_mb(), open_fds()
-            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, decode_workers)
-            rows.append({"engine": engine.name, "batch": batch, "devices": 1, "model_only_img_s": round(mo, 1),
+            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, decode_workers,
+                             workers_per_device)
+            rows.append({"engine": engine.name, "batch": batch, "model_only_img_s": round(mo, 1),
                          **e2e, "images": n, "device": engine.device_name, "fds": f"{fds0} -> {open_fds()}",
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
                          "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()),
@@ -113,8 +117,8 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             name, batch = next((e, b) for e, b in reversed(engines) if single["engine"].startswith(e))
             rss0, fds0 = rss_mb(), open_fds()
             e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch,
-                             decode_workers)
-            rows.append({**single, "devices": len(multi), "model_only_img_s": "-", **e2e, "peak_gpu_mb": "-",
+                             decode_workers, workers_per_device)
+            rows.append({**single, "model_only_img_s": "-", **e2e, "peak_gpu_mb": "-",
                          "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()), "fds": f"{fds0} -> {open_fds()}",
                          "scaling": round(e2e["end_to_end_img_s"] / single["end_to_end_img_s"], 2)})
             log(str(rows[-1]))
@@ -122,7 +126,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "devices", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
+    cols = ["engine", "batch", "devices", "workers", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
             "engine_busy_pct", "store_busy_pct", "first_group_s", "images", "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb",
             "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -155,7 +155,9 @@ def run(
                                help="auto, cpu, cuda, cuda:N, a list (cuda:0,cuda:1: one worker process each) or all."),
     batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
     full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
-    decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images."),
+    decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images, per worker."),
+    workers_per_device: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_WORKERS_PER_DEVICE",
+                                                     help="Worker processes per device; default 2 per GPU, 1 on the CPU."),
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
@@ -172,7 +174,8 @@ def run(
     if labels is not None and not labels.exists():
         raise _fail(f"labels path not found: {labels}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
-                      batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels)
+                      batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels,
+                      workers_per_device=workers_per_device)
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:
@@ -323,14 +326,15 @@ def bench(
     engines: str = typer.Option("torch:8,compiled:32,tensorrt:32", help="engine:batch pairs, comma-separated."),
     devices: list[str] = typer.Option([], help="Also run the last engine end to end on these devices (cuda:0,cuda:1 or all); repeatable."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
-    decode_workers: int = typer.Option(4, min=1, help="Decode threads per engine, as `run --decode-workers`."),
+    decode_workers: int = typer.Option(4, min=1, help="Decode threads per worker, as `run --decode-workers`."),
+    workers_per_device: Optional[int] = typer.Option(None, min=1, help="As `run --workers-per-device`."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
     from .bench import run_bench, table
 
     pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
     rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
-                     decode_workers, log=lambda m: typer.echo(m, err=True))
+                     decode_workers, workers_per_device, log=lambda m: typer.echo(m, err=True))
     typer.echo(table(rows))
 
 

@@ -6,7 +6,8 @@ from conftest import DATA, REPO
 
 def test_bench_rows_for_one_engine_and_a_device_set():
     rows = run_bench(DATA / "JPEGImages", 4, REPO / "engines", "cpu", [("torch", 2)], ["cpu,cpu"], log=lambda m: None)
-    assert [(r["engine"], r["devices"]) for r in rows] == [("torch-eager-fp32", 1), ("torch-eager-fp32", 2)]
+    # "cpu,cpu": one device, two worker processes (one each, the CPU's default).
+    assert [(r["engine"], r["devices"], r["workers"]) for r in rows] == [("torch-eager-fp32", 1, 1), ("torch-eager-fp32", 1, 2)]
     assert all(r["end_to_end_img_s"] > 0 and r["images"] == 4 for r in rows)
     assert rows[0]["model_only_img_s"] > 0 and rows[1]["scaling"] > 0
     assert 0 <= rows[0]["decode_wait_pct"] <= 100
