@@ -158,6 +158,9 @@ def run(
     decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images, per worker."),
     workers_per_device: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_WORKERS_PER_DEVICE",
                                                      help="Worker processes per device; default 2 per GPU, 1 on the CPU."),
+    precision: str = typer.Option("fp16", envvar="BCCD_BATCH_PRECISION",
+                                  help="GPU engines: fp16, or fp32 for per-image counts identical to eager torch "
+                                       "(87/87 val fields against 85/87, at ~70% of fp16's speed; one H100)."),
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
@@ -175,7 +178,7 @@ def run(
         raise _fail(f"labels path not found: {labels}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels,
-                      workers_per_device=workers_per_device)
+                      workers_per_device=workers_per_device, precision=precision)
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:

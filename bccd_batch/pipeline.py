@@ -62,6 +62,7 @@ class RunOptions:
     decode_workers: int = 4
     labels: Path | None = None
     workers_per_device: int | None = None      # None: 2 per GPU, 1 on the CPU (worker_devices)
+    precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
 
 
 @dataclasses.dataclass
@@ -320,7 +321,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
 
     try:
         engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size,
-                               log=lambda m: send(("log", device, m)))
+                               log=lambda m: send(("log", device, m)), precision=opts.precision)
         if hasattr(engine, "warm_up"):      # GPU engines: compile before the run's clock starts
             engine.warm_up()
         send(("ready", device, engine.name, engine.device_name, engine.device))

@@ -59,6 +59,8 @@ def test_usage_errors_exit_2(tmp_path, slides):
     assert cli("run", tmp_path / "missing", "--out", tmp_path / "o").returncode == 2
     p = cli("run", slides, "--out", tmp_path / "o", "--engine", "warp-drive")
     assert p.returncode == 2 and "unknown engine" in p.stderr and "Traceback" not in p.stderr
+    p = cli("run", slides, "--out", tmp_path / "o", "--precision", "fp8")
+    assert p.returncode == 2 and "unknown precision 'fp8'" in p.stderr and "Traceback" not in p.stderr
     assert cli("run", slides, "--out", tmp_path / "o", "--labels", tmp_path / "nope").returncode == 2
 
 

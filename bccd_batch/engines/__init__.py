@@ -48,24 +48,29 @@ def one_ahead(submitted: Iterable[T], finish: Callable[[T], R]) -> Iterator[R]:
 
 
 ENGINE_CHOICES = ("auto", "torch", "compiled", "tensorrt")
+PRECISIONS = ("fp16", "fp32")
 
 
-def select_engine(name: str, device: str, model_dir: Path, batch_size: int, log=print) -> Engine:
+def select_engine(name: str, device: str, model_dir: Path, batch_size: int, log=print,
+                  precision: str = "fp16") -> Engine:
     """`auto`: TensorRT where it imports and a matching engine is built, else the compiled engine
-    on CUDA, else eager torch (on the CPU when there is no GPU). run.json records the choice."""
+    on CUDA, else eager torch (on the CPU when there is no GPU). run.json records the choice.
+    `precision` is the GPU engines' (eager torch is the fp32 reference)."""
     if name not in ENGINE_CHOICES:
         raise EngineError(f"unknown engine {name!r} (choose from {', '.join(ENGINE_CHOICES)})")
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     from .split_engine import SplitEngine
     from .torch_eager import TorchEngine, resolve_device
 
     if name == "torch":
         return TorchEngine(model_dir, device=device, batch_size=batch_size)
     if name in ("compiled", "tensorrt"):
-        return SplitEngine(model_dir, device, batch_size, name)
+        return SplitEngine(model_dir, device, batch_size, name, precision)
     if resolve_device(device).type == "cuda":
         for backend in ("tensorrt", "compiled"):
             try:
-                return SplitEngine(model_dir, device, batch_size, backend)
+                return SplitEngine(model_dir, device, batch_size, backend, precision)
             except EngineError as e:
                 log(f"engine {backend} not used: {e}")
     return TorchEngine(model_dir, device=device, batch_size=batch_size)
