@@ -68,7 +68,8 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     # Summed over workers, so divide by their number to get the share of each engine's run.
     workers = res.info["device"].split(",")
     n_dev = len(workers)
-    return {"devices": len(set(workers)), "workers": n_dev, "end_to_end_img_s": res.info["images_per_s"], "startup_s": round(wall - timings["wall_seconds"], 1),
+    return {"devices": len(set(workers)), "workers": n_dev, "end_to_end_img_s": res.info["images_per_s"],
+            "startup_s": round(wall - timings["wall_seconds"], 1),
             "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1),
             "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1),
             "store_busy_pct": round(100 * timings["store_seconds"] / timings["wall_seconds"], 1),

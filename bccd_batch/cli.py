@@ -152,7 +152,7 @@ def run(
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
     engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
     device: str = typer.Option("auto", "--device", "--devices", envvar="BCCD_BATCH_DEVICE",
-                               help="auto, cpu, cuda, cuda:N, a list (cuda:0,cuda:1: one worker process each) or all."),
+                               help="auto, cpu, cuda, cuda:N, a list (cuda:0,cuda:1) or all; each gets --workers-per-device worker processes."),
     batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
     full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
     decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images, per worker."),
