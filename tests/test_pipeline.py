@@ -62,6 +62,16 @@ def test_usage_errors_exit_2(tmp_path, slides):
     p = cli("run", slides, "--out", tmp_path / "o", "--precision", "fp8")
     assert p.returncode == 2 and "unknown precision 'fp8'" in p.stderr and "Traceback" not in p.stderr
     assert cli("run", slides, "--out", tmp_path / "o", "--labels", tmp_path / "nope").returncode == 2
+    # Raised inside the worker process, reported by the parent as the same one-line usage error.
+    p = cli("run", slides, "--out", tmp_path / "o", "--engine", "compiled", "--device", "cpu")
+    assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_worker_devices_repeat_each_device_in_order():
+    from bccd_batch.pipeline import worker_devices
+
+    assert worker_devices(["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert worker_devices(["cpu"]) == ["cpu"]       # the CPU's default: one worker (torch uses every core)
 
 
 def _slow_folder(tmp_path, bccd, n):
