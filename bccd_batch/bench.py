@@ -76,7 +76,7 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
             "first_group_s": timings["first_group_seconds"],
             # The worker processes' own memory (they decode and infer), after their first batch -> at the end.
             "worker_rss_mb": ", ".join(f"{m['rss_mb_first_group']} -> {m['rss_mb_end']}"
-                                       for m in res.info["worker_memory"].values())}
+                                       for m in res.info["worker_memory"])}
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],

@@ -351,7 +351,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
             memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
             send(("group", group))
         memory["rss_mb_end"] = round(rss_mb())
-        send(("done", device, timings, memory))
+        send(("done", device, timings, {**memory, "device": engine.device}))
     except (EngineError, ModelError) as e:
         send(("error", device, str(e), True))
     except BaseException:
@@ -396,10 +396,10 @@ class _WorkerPool:
         self.name = names[0][2]
         # Summed over the workers: seconds of engine time and of engines waiting for decode.
         self.timings = _new_timings()
-        self.memory: dict[str, dict] = {}       # per device: the worker's RSS after its first group and at its end
+        self.memory: list[dict] = []      # per worker: its device, its RSS after its first group and at its end
         self.device = ",".join(m[4] for m in names)     # what the engines run on (cuda without a GPU: cpu)
         self.device_name = ", ".join(sorted({m[3] for m in names}))
-        workers = ", ".join(f"{m[1]} {m[2]} ({m[3]})" for m in names)
+        workers = ", ".join(f"{m[2]} on {m[4]} ({m[3]})" for m in names)
         self.log(f"{len(self.procs)} device workers: {workers}" if len(names) > 1 else f"engine: {workers}")
         return self
 
@@ -455,7 +455,7 @@ class _WorkerPool:
                     finished += 1
                     for k, v in msg[2].items():
                         self.timings[k] += v
-                    self.memory[msg[1]] = msg[3]
+                    self.memory.append(msg[3])
                 elif msg[0] == "log":
                     self._log(msg)
                 else:

@@ -171,6 +171,7 @@ def test_two_device_workers_store_the_same_as_one_process(slides, tmp_path):
     info = json.loads((two / "latest" / "run.json").read_text())
     assert info["images"] == {"discovered": 6, "new": 5, "skipped": 0, "failed": 1}
     assert info["device"] == "cpu,cpu"
+    assert [m["device"] for m in info["worker_memory"]] == ["cpu", "cpu"]     # each worker's, not each device's
     for name in ("detections.csv", "counts.csv", "errors.csv"):
         assert read_csv(two / "latest" / name) == read_csv(one / "latest" / name), name
     cli("run", slides, "--out", two, "--devices", "cpu,cpu", check_rc=3)

@@ -297,7 +297,7 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
     assert fds1 <= fds0 + 2
     assert rss1 - rss0 < 150, (rss0, rss1)
     # The worker that decoded and inferred, from its first stored batch (engine warm) to its end.
-    worker = next(iter(result.info["worker_memory"].values()))
+    [worker] = result.info["worker_memory"]
     assert worker["rss_mb_end"] - worker["rss_mb_first_group"] < 150, worker
     summary(f"soak: {n} images on {result.info['device_name']} ({result.info['engine']}), "
             f"RSS {rss0:.0f} -> {rss1:.0f} MB (worker {worker['rss_mb_first_group']} -> {worker['rss_mb_end']} MB), "
