@@ -303,8 +303,9 @@ def _put_until(q, item, give_up, timeout: float = 0.5) -> bool:
 
 
 def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
-    """One per device (a spawned process): build the engine, then read, decode and infer the chunks
-    of (file, prior record) it takes from `tasks` until a None; send groups back on `results`.
+    """One per entry of `worker_devices` (a spawned process): build the engine, then read, decode and
+    infer the chunks of (file, prior record) it takes from `tasks` until a None; send groups back on
+    `results`.
     `halt` set: finish the batch in flight and stop, leaving what is only decoded to the next run."""
     # The parent decides when to stop (it sets `halt` on SIGINT/SIGTERM); a terminal's Ctrl-C or a
     # service manager's SIGTERM to the whole process group must not kill workers mid-batch.
@@ -359,7 +360,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
 
 
 class _WorkerPool:
-    """One worker process per device over a shared, bounded work list; groups come back here."""
+    """Worker processes (`worker_devices`) over a shared, bounded work list; groups come back here."""
 
     def __init__(self, devices: list[str], opts: RunOptions, log):
         ctx = multiprocessing.get_context("spawn")      # CUDA cannot be used in forked children
