@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .decode import decode_file
-from .engines import one_ahead, submit
-from .pipeline import open_fds, rss_mb
+from .engines import EngineError, one_ahead, select_engine, submit
+from .pipeline import RunOptions, open_fds, parse_devices, rss_mb, run
 
 
 def make_folder(src: Path, n: int, dest: Path) -> Path:
@@ -57,8 +57,6 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     so it is reported apart as startup_s), and how long the engines waited for decoded images.
     More decode threads than the engine needs only slow it: its glue is Python that shares the
     GIL and the cores with them (16 threads gave 245 images/s where 4 gave 278, one H200)."""
-    from .pipeline import RunOptions, run
-
     t = time.perf_counter()
     res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
                          batch_size=batch, decode_workers=decode_workers, workers_per_device=workers_per_device),
@@ -84,9 +82,6 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
               log=print) -> list[dict]:
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
     several devices in `device_sets` (worker processes per device as in `run`)."""
-    from .engines import EngineError, select_engine
-    from .pipeline import parse_devices
-
     images = [decode_file(p) for p in sorted(Path(src).glob("*.jpg"))[:min(64, n)]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

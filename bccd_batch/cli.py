@@ -307,12 +307,10 @@ def build_engine(
             manifest = build_all(m, card["weights"]["sha256"], engine_cache_root(), precision, max_batch)
             typer.echo(json.dumps(manifest))
         elif backend == "compiled":
-            import numpy as np
-
             from .engines.split_engine import SplitEngine
 
             eng = SplitEngine(model_dir, "cuda", max_batch, "compiled", precision)
-            eng.infer([np.zeros((480, 640, 3), np.uint8)] * max_batch)   # compiles and captures the graphs
+            eng.warm_up()
             typer.echo(f"compiled {eng.name} for batch {max_batch} (torch.compile caches it for this process' "
                        "inductor cache)")
         else:

@@ -315,10 +315,13 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
     def parent_gone() -> bool:
         return os.getppid() != parent_pid
 
+    def abandon() -> None:
+        results.cancel_join_thread()    # the parent was killed: nobody will read us
+        os._exit(1)
+
     def send(msg) -> None:
         if not _put_until(results, msg, parent_gone):
-            results.cancel_join_thread()    # nobody will read us
-            os._exit(1)
+            abandon()
 
     try:
         engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size,
@@ -337,8 +340,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
                     chunk = tasks.get(timeout=5)
                 except queue.Empty:
                     if parent_gone():
-                        results.cancel_join_thread()
-                        os._exit(1)
+                        abandon()
                     continue
                 if chunk is None:
                     return
@@ -487,7 +489,7 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
     return n
 
 
-def _run_locked(opts: RunOptions, out: Path, inference: "_WorkerPool", log) -> RunResult:
+def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> RunResult:
     card = inference.card
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]
