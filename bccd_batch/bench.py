@@ -68,7 +68,8 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     n_dev = len(workers)
     return {"devices": len(set(workers)), "workers": n_dev, "end_to_end_img_s": res.info["images_per_s"],
             "startup_s": round(wall - timings["wall_seconds"], 1),
-            "decode_wait_pct": round(100 * timings["decode_wait_seconds"] / n_dev / timings["wall_seconds"], 1),
+            **{f"{k}_pct": round(100 * timings[f"{k}_seconds"] / n_dev / timings["wall_seconds"], 1)
+               for k in ("decode_wait", "file_wait", "store_wait")},
             "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1),
             "store_busy_pct": round(100 * timings["store_seconds"] / timings["wall_seconds"], 1),
             "first_group_s": timings["first_group_seconds"],
@@ -123,8 +124,8 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 def table(rows: list[dict]) -> str:
     cols = ["engine", "batch", "devices", "workers", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
-            "engine_busy_pct", "store_busy_pct", "first_group_s", "images", "scaling", "peak_gpu_mb", "rss_start_mb", "rss_end_mb",
-            "worker_rss_mb", "fds", "device"]
+            "file_wait_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "first_group_s", "images", "scaling",
+            "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

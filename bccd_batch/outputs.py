@@ -6,10 +6,10 @@ import csv
 import io
 import json
 import os
-from collections import defaultdict
 from pathlib import Path
 
 from .model import CLASSES
+from .store import unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
 COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES]
@@ -43,13 +43,9 @@ def _csv_text(columns: list[str], rows) -> str:
 def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
     """Everything the run's files and report show, read once from the store."""
     images = store.run_images(run_id, root)
-    ok = {r["rel"]: r for r in images if r["status"] == "ok"}
-    dets: dict[str, list[tuple]] = defaultdict(list)
-    for d in store.detections(root):
-        if d["rel"] in ok:
-            dets[d["rel"]].append((d["cls"], d["score"], d["x0"], d["y0"], d["x1"], d["y1"]))
-    counts = {rel: {c: sum(1 for d in dets[rel] if d[0] == c and d[1] >= count_threshold) for c in CLASSES}
-              for rel in ok}
+    dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
+    counts = {rel: {c: sum(1 for d in ds if d[0] == c and d[1] >= count_threshold) for c in CLASSES}
+              for rel, ds in dets.items()}
     slides: dict[str, dict] = {}
     for r in images:
         s = slides.setdefault(r["slide"], {"slide": r["slide"], "fields": 0, "unreadable": 0, **dict.fromkeys(CLASSES, 0)})

@@ -40,7 +40,7 @@ from .engines import EngineError, one_ahead, select_engine, submit
 from .model import ModelError, read_card
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
-from .store import STORE_NAME, Store
+from .store import STORE_NAME, Store, pack_detections
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 1, 2, 3, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -221,7 +221,9 @@ def _decoded_groups(files, known: dict, engine, opts: RunOptions, timings: dict,
 
 
 def _new_timings() -> dict:
-    return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0}
+    """Seconds a worker spent in its engine; waiting for decoded images (file_wait: the part of that
+    spent waiting for file names from this process); waiting for room to send results to the store."""
+    return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0, "file_wait_seconds": 0.0, "store_wait_seconds": 0.0}
 
 
 def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict):
@@ -238,7 +240,7 @@ def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, timin
     group = []
     for p, d in zip(batch, dets):
         hw, p.array = p.array.shape[:2], None
-        group.append((p, hw, d))
+        group.append((p, hw, pack_detections(d)))      # here, so the single store writer only binds bytes
     return group + [(p, None, None) for p in done]
 
 
@@ -336,12 +338,15 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
         def files():
             # One continuous stream over the chunks, so the decode window stays full across them.
             while True:
+                t = time.monotonic()
                 try:
                     chunk = tasks.get(timeout=5)
                 except queue.Empty:
                     if parent_gone():
                         abandon()
                     continue
+                finally:
+                    timings["file_wait_seconds"] += time.monotonic() - t
                 if chunk is None:
                     return
                 for f, prior in chunk:
@@ -352,7 +357,9 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
         for group in _decoded_groups(files(), known, engine, opts, timings, halt.is_set):
             # After the first group: engine built, compiled, warmed up; growth from here is a leak.
             memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
+            t = time.monotonic()
             send(("group", group))
+            timings["store_wait_seconds"] += time.monotonic() - t
         memory["rss_mb_end"] = round(rss_mb())
         send(("done", device, timings, {**memory, "device": engine.device}))
     except (EngineError, ModelError) as e:
@@ -474,19 +481,21 @@ class _WorkerPool:
 def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: list[tuple]) -> int:
     """One transaction per group: a kill loses at most the group in flight, which the next run
     redoes, and never leaves half of one stored. Returns how many images had detections."""
-    n = 0
+    images, skipped = [], []
+    for p, hw, dets in group:
+        if p.skip:
+            skipped.append((p.file.rel, p.skip))
+            continue
+        m = {"rel": p.file.rel, "slide": p.file.slide, "size": p.size, "mtime_ns": p.mtime_ns, "sha256": p.sha256}
+        if dets is None:
+            m["error"] = p.error
+        else:
+            m.update(width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets)
+        images.append(m)
     with store.transaction():
-        for p, hw, dets in group:
-            if dets is not None:
-                store.record_image(run_id, root, p.file.rel, p.file.slide, size=p.size, mtime_ns=p.mtime_ns,
-                                   sha256=p.sha256, width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets)
-                n += 1
-            elif p.skip:
-                store.mark(run_id, p.file.rel, p.skip)
-            else:
-                store.record_image(run_id, root, p.file.rel, p.file.slide, size=p.size, mtime_ns=p.mtime_ns,
-                                   sha256=p.sha256, error=p.error)
-    return n
+        store.record_images(run_id, root, images)
+        store.mark(run_id, skipped)
+    return sum(1 for m in images if "detections" in m)
 
 
 def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> RunResult:

@@ -1,10 +1,13 @@
-"""The store opens what earlier versions wrote: their OUT folders stay valid across an upgrade."""
+"""The store keeps detections exactly and opens what earlier versions wrote: their OUT folders stay
+valid across an upgrade."""
 
 import sqlite3
 
 import pytest
 
-from bccd_batch.store import SCHEMA_VERSION, Store
+import numpy as np
+
+from bccd_batch.store import SCHEMA_VERSION, Store, pack_detections, unpack_detections
 
 # The layout bccd-batch wrote before store version 2 (user_version 0): detections keyed by the
 # image's (root, rel) text.
@@ -40,8 +43,57 @@ def _v0_store(path):
     db.close()
 
 
+# The layout of store version 2: detections one row each, keyed by images.id.
+SCHEMA_V2 = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, started_utc TEXT NOT NULL,
+    finished_utc TEXT, status TEXT NOT NULL, slides_root TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE images (id INTEGER PRIMARY KEY, root TEXT NOT NULL, rel TEXT NOT NULL, slide TEXT NOT NULL,
+    size INTEGER, mtime_ns INTEGER, sha256 TEXT, width INTEGER, height INTEGER, status TEXT NOT NULL, error TEXT,
+    model_sha256 TEXT, run_id INTEGER NOT NULL, UNIQUE (root, rel));
+CREATE TABLE detections (image_id INTEGER NOT NULL, cls TEXT NOT NULL, score REAL NOT NULL,
+    x0 REAL NOT NULL, y0 REAL NOT NULL, x1 REAL NOT NULL, y1 REAL NOT NULL);
+CREATE INDEX detections_by_image ON detections (image_id);
+CREATE TABLE run_images (run_id INTEGER NOT NULL, rel TEXT NOT NULL, outcome TEXT NOT NULL, PRIMARY KEY (run_id, rel));
+CREATE TABLE metrics (run_id INTEGER PRIMARY KEY, json TEXT NOT NULL);
+PRAGMA user_version = 2;
+"""
+
+
+def _v2_store(path):
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_V2)
+    db.execute("INSERT INTO runs VALUES (1, 'r1', 't0', 't1', 'finished', ?, '{}')", (ROOT,))
+    for image_id, (rel, dets) in enumerate(DETS.items(), start=7):     # ids need not start at 1
+        db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,'ok',NULL,'m',1)",
+                   (image_id, ROOT, rel, rel[0], 10, 20, "h", 640, 480))
+        db.executemany("INSERT INTO detections VALUES (?,?,?,?,?,?,?)", [(image_id, *d) for d in dets])
+        db.execute("INSERT INTO run_images VALUES (1, ?, 'new')", (rel,))
+    db.execute("INSERT INTO images VALUES (3, ?, 'c/bad.jpg', 'c', 1, 2, 'h', NULL, NULL, 'error', 'empty file', NULL, 1)",
+               (ROOT,))
+    db.execute("INSERT INTO run_images VALUES (1, 'c/bad.jpg', 'failed')")
+    db.commit()
+    db.close()
+
+
+def _f32(dets):
+    """What the store keeps: float32 (the engines compute in it, so their values are kept exactly)."""
+    return [(c, *np.float32(v).tolist()) for c, *v in dets]
+
+
 def _detections(store):
-    return [(d["rel"], d["cls"], d["score"], d["x0"], d["y0"], d["x1"], d["y1"]) for d in store.detections(ROOT)]
+    return [(r["rel"], *d) for r in store.run_images(1, ROOT) for d in unpack_detections(r["detections"])]
+
+
+# Every image and detection, in the order the store always gave them: by image, best score first,
+# then as inserted.
+EXPECTED = [("a/1.jpg", *d) for d in _f32([("WBC", 0.99, 5, 5, 90, 80), ("RBC", 0.9, 1, 2, 30, 40),
+                                           ("RBC", 0.9, 7, 8, 9, 10)])] + [("b/2.jpg", *_f32(DETS["b/2.jpg"])[0])]
+
+
+def test_detections_pack_best_first_and_unpack_to_what_went_in():
+    dets = [("RBC", 0.5, 1.25, 2, 3, 4), ("Platelets", 0.75, 0, 0, 10.5, 10), ("WBC", 0.5, 9, 9, 99, 99)]
+    assert unpack_detections(pack_detections(dets)) == [dets[1], dets[0], dets[2]]
+    assert unpack_detections(pack_detections([])) == [] and unpack_detections(None) == []
 
 
 def test_a_version_0_store_migrates_with_every_image_and_detection(tmp_path):
@@ -49,9 +101,7 @@ def test_a_version_0_store_migrates_with_every_image_and_detection(tmp_path):
     _v0_store(path)
     store = Store(path)
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    # Same rows, in the order the store always gave them: by image, best score first, then as inserted.
-    assert _detections(store) == [("a/1.jpg", "WBC", 0.99, 5, 5, 90, 80), ("a/1.jpg", "RBC", 0.9, 1, 2, 30, 40),
-                                  ("a/1.jpg", "RBC", 0.9, 7, 8, 9, 10), ("b/2.jpg", "Platelets", 0.7, 3, 3, 20, 20)]
+    assert _detections(store) == EXPECTED
     assert [(r["rel"], r["status"], r["outcome"]) for r in store.run_images(1, ROOT)] == [
         ("a/1.jpg", "ok", "new"), ("b/2.jpg", "ok", "new"), ("c/bad.jpg", "error", "failed")]
     assert store.image(ROOT, "c/bad.jpg")["error"] == "empty file"
@@ -59,14 +109,29 @@ def test_a_version_0_store_migrates_with_every_image_and_detection(tmp_path):
     store.close()
 
     store = Store(path)     # opening again changes nothing
-    assert len(_detections(store)) == 4
-    # Re-recording an image keeps its id and replaces (not adds to) its detections.
+    assert _detections(store) == EXPECTED
+    # Re-recording an image keeps its id and replaces its detections.
     image_id = store.image(ROOT, "a/1.jpg")["id"]
     with store.transaction():
-        store.record_image(2, ROOT, "a/1.jpg", "a", size=11, mtime_ns=21, sha256="h2", width=640, height=480,
-                           model_sha256="m2", detections=[("RBC", 0.5, 0, 0, 9, 9)])
+        store.record_images(2, ROOT, [{"rel": "a/1.jpg", "slide": "a", "size": 11, "mtime_ns": 21, "sha256": "h2",
+                                       "width": 640, "height": 480, "model_sha256": "m2",
+                                       "detections": pack_detections([("RBC", 0.5, 0, 0, 9, 9)])}])
     assert store.image(ROOT, "a/1.jpg")["id"] == image_id and store.image(ROOT, "a/1.jpg")["sha256"] == "h2"
-    assert _detections(store)[0] == ("a/1.jpg", "RBC", 0.5, 0, 0, 9, 9) and len(_detections(store)) == 2
+    assert unpack_detections(store.image(ROOT, "a/1.jpg")["detections"]) == [("RBC", 0.5, 0, 0, 9, 9)]
+    assert [(r["rel"], r["outcome"]) for r in store.run_images(2, ROOT)] == [("a/1.jpg", "new")]
+    store.close()
+
+
+def test_a_version_2_store_migrates_keeping_image_ids(tmp_path):
+    path = tmp_path / "s.sqlite"
+    _v2_store(path)
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert _detections(store) == EXPECTED
+    assert [(r["id"], r["rel"], r["status"], r["outcome"]) for r in store.run_images(1, ROOT)] == [
+        (7, "a/1.jpg", "ok", "new"), (8, "b/2.jpg", "ok", "new"), (3, "c/bad.jpg", "error", "failed")]
+    assert store.image(ROOT, "c/bad.jpg")["detections"] is None
+    assert store.db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'detections%'").fetchall() == []
     store.close()
 
 
