@@ -72,7 +72,7 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
                for k in ("decode_wait", "file_wait", "store_wait")},
             "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1),
             "store_busy_pct": round(100 * timings["store_seconds"] / timings["wall_seconds"], 1),
-            "first_group_s": timings["first_group_seconds"],
+            "discover_s": timings["discover_seconds"], "first_group_s": timings["first_group_seconds"],
             # The worker processes' own memory (they decode and infer), after their first batch -> at the end.
             "worker_rss_mb": ", ".join(f"{m['rss_mb_first_group']} -> {m['rss_mb_end']}"
                                        for m in res.info["worker_memory"])}
@@ -124,7 +124,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 def table(rows: list[dict]) -> str:
     cols = ["engine", "batch", "devices", "workers", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
-            "file_wait_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "first_group_s", "images", "scaling",
+            "file_wait_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "discover_s", "first_group_s", "images", "scaling",
             "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]

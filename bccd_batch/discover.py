@@ -17,7 +17,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 class ImageFile:
     rel: str      # path relative to the slides root, POSIX separators: the image's key everywhere
     slide: str
-    path: Path
+    path: str     # a str, not a Path: building 20,000 Paths was two thirds of discovering 20,000 files
 
 
 def discover(root: Path) -> list[ImageFile]:
@@ -48,10 +48,10 @@ def discover(root: Path) -> list[ImageFile]:
                 is_dir = False
             if is_dir:
                 walk(Path(e.path), parts)
-            elif Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
                 # Dangling links and unreadable files are still listed: decoding records why they fail.
                 slide = parts[0] if len(parts) > 1 else root.resolve().name
-                out.append(ImageFile("/".join(parts), slide, Path(e.path)))
+                out.append(ImageFile("/".join(parts), slide, e.path))
 
     walk(root, ())
     return out

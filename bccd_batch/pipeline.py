@@ -23,9 +23,9 @@ import fcntl
 import hashlib
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +41,8 @@ from .model import ModelError, read_card
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
 from .store import STORE_NAME, Store, pack_detections
+
+WORK_LIST = ".work-list"    # OUT/<this>: the running run's work for its workers (`_write_work_list`)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 1, 2, 3, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -304,11 +306,12 @@ def _put_until(q, item, give_up, timeout: float = 0.5) -> bool:
     return False
 
 
-def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_pid: int) -> None:
-    """One per entry of `worker_devices` (a spawned process): build the engine, then read, decode and
-    infer the chunks of (file, prior record) it takes from `tasks` until a None; send groups back on
-    `results`.
-    `halt` set: finish the batch in flight and stop, leaving what is only decoded to the next run."""
+def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, halt, parent_pid: int) -> None:
+    """One per entry of `worker_devices` (a spawned process): build the engine, take the run's work
+    list (`_write_work_list`) from `tasks`, then claim its chunks one at a time from the shared
+    counter `next_chunk` and read, decode and infer them; send groups back on `results`.
+    `halt` set: claim no more, finish the batch in flight and stop, leaving what is only decoded to
+    the next run."""
     # The parent decides when to stop (it sets `halt` on SIGINT/SIGTERM); a terminal's Ctrl-C or a
     # service manager's SIGTERM to the whole process group must not kill workers mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -335,31 +338,42 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
         known: dict = {}
         memory = {"rss_mb_first_group": None, "rss_mb_end": None}
 
-        def files():
+        while True:     # the work list comes once the parent has discovered the files
+            try:
+                work_list = tasks.get(timeout=5)
+                break
+            except queue.Empty:
+                if parent_gone():
+                    abandon()
+        if work_list is None:       # the run ended before it had work for us
+            return
+        path, offsets = work_list
+
+        def files(work):
             # One continuous stream over the chunks, so the decode window stays full across them.
-            while True:
+            while not halt.is_set():
                 t = time.monotonic()
-                try:
-                    chunk = tasks.get(timeout=5)
-                except queue.Empty:
-                    if parent_gone():
-                        abandon()
-                    continue
-                finally:
-                    timings["file_wait_seconds"] += time.monotonic() - t
-                if chunk is None:
+                with next_chunk.get_lock():
+                    k = next_chunk.value
+                    next_chunk.value = k + 1
+                if k + 1 >= len(offsets):
                     return
+                work.seek(offsets[k])
+                chunk = pickle.loads(work.read(offsets[k + 1] - offsets[k]))
+                timings["file_wait_seconds"] += time.monotonic() - t
                 for f, prior in chunk:
                     if prior is not None:
                         known[f.rel] = prior
                     yield f
 
-        for group in _decoded_groups(files(), known, engine, opts, timings, halt.is_set):
-            # After the first group: engine built, compiled, warmed up; growth from here is a leak.
-            memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
-            t = time.monotonic()
-            send(("group", group))
-            timings["store_wait_seconds"] += time.monotonic() - t
+        # Timed from here: waiting for the other workers to start or for discovery is not waiting for decode.
+        with open(path, "rb") as work:
+            for group in _decoded_groups(files(work), known, engine, opts, timings, halt.is_set):
+                # After the first group: engine built, compiled, warmed up; growth from here is a leak.
+                memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
+                t = time.monotonic()
+                send(("group", group))
+                timings["store_wait_seconds"] += time.monotonic() - t
         memory["rss_mb_end"] = round(rss_mb())
         send(("done", device, timings, {**memory, "device": engine.device}))
     except (EngineError, ModelError) as e:
@@ -368,18 +382,32 @@ def _device_worker(device: str, opts: RunOptions, tasks, results, halt, parent_p
         send(("error", device, traceback.format_exc(limit=8), False))
 
 
+def _write_work_list(path: Path, files: list[ImageFile], known: dict, chunk_size: int) -> list[int]:
+    """The run's work for the workers: chunks of (file, prior record), pickled one after another to
+    `path`; returns their byte offsets (one more than chunks). Workers claim chunk numbers from a
+    shared counter and read them from here, so this process, the single store writer, does nothing
+    else while they run, and a worker holds one chunk, whatever the folder's size."""
+    offsets = [0]
+    with open(path, "wb") as f:
+        for i in range(0, len(files), chunk_size):
+            f.write(pickle.dumps([(x, known.get(x.rel)) for x in files[i:i + chunk_size]], pickle.HIGHEST_PROTOCOL))
+            offsets.append(f.tell())
+    return offsets
+
+
 class _WorkerPool:
-    """Worker processes (`worker_devices`) over a shared, bounded work list; groups come back here."""
+    """Worker processes (`worker_devices`) over a shared work list; groups come back here."""
 
     def __init__(self, devices: list[str], opts: RunOptions, log):
         ctx = multiprocessing.get_context("spawn")      # CUDA cannot be used in forked children
         self.opts, self.devices, self.log = opts, devices, log
         self.card = read_card(opts.model_dir)
-        self.tasks = ctx.Queue(maxsize=2 * len(devices))
+        self.tasks = ctx.Queue()       # the work list's path and offsets, once for each worker
+        self.next_chunk = ctx.Value("q", 0)
         # Bounded too: workers that outrun the store wait rather than pile results up in memory.
         self.results = ctx.Queue(maxsize=8 * len(devices))
         self.halt = ctx.Event()
-        self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.results, self.halt, os.getpid()),
+        self.procs = [ctx.Process(target=_device_worker, args=(d, opts, self.tasks, self.next_chunk, self.results, self.halt, os.getpid()),
                                   name=f"bccd-batch {d}", daemon=True) for d in devices]
 
     def __enter__(self):
@@ -417,7 +445,9 @@ class _WorkerPool:
         self.log(msg[2] if len(self.devices) == 1 else f"{msg[1]}: {msg[2]}")
 
     def __exit__(self, *exc):
-        # Chunks nobody will take may still sit in the task pipe: don't wait at exit to flush them.
+        for _ in self.procs:    # for workers still waiting for a work list (the run failed before one)
+            self.tasks.put(None)
+        # Messages no worker took may still sit in the task pipe: don't wait to flush them.
         self.tasks.cancel_join_thread()
         for p in self.procs:
             p.join(timeout=30)
@@ -435,27 +465,17 @@ class _WorkerPool:
                 if dead:
                     raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exitcode}")
 
-    def groups(self, files: list[ImageFile], known: dict, stop):
-        chunk_size = 2 * self.opts.batch_size
-        abort = threading.Event()
-
-        def feed():
-            # Halted workers take nothing more: never wait for room past a stop or an abort.
-            for i in range(0, len(files), chunk_size):
-                chunk = [(f, known.get(f.rel)) for f in files[i:i + chunk_size]]
-                if not _put_until(self.tasks, chunk, lambda: abort.is_set() or stop()):
-                    break
-            for _ in self.procs:
-                _put_until(self.tasks, None, abort.is_set)
+    def groups(self, files: list[ImageFile], known: dict, work_list: Path, stop):
+        offsets = _write_work_list(work_list, files, known, chunk_size=2 * self.opts.batch_size)
+        for _ in self.procs:
+            self.tasks.put((str(work_list), offsets))
 
         def halt_on_stop():
             if stop():
                 self.halt.set()
 
-        feeder = threading.Thread(target=feed, name="bccd-batch feeder", daemon=True)
-        feeder.start()
+        finished = 0
         try:
-            finished = 0
             while finished < len(self.procs):
                 halt_on_stop()
                 msg = self._get(on_wait=halt_on_stop)
@@ -471,11 +491,10 @@ class _WorkerPool:
                 else:
                     raise RuntimeError(f"worker for {msg[1]} failed:\n{msg[2]}")
         finally:
-            abort.set()
-            feeder.join(timeout=5)
             if finished < len(self.procs):
                 for p in self.procs:
                     p.kill()
+            work_list.unlink(missing_ok=True)
 
 
 def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: list[tuple]) -> int:
@@ -509,6 +528,7 @@ def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> Run
     started = _utc_now()
     t0 = time.monotonic()
     files = discover(opts.slides)
+    discover_seconds = time.monotonic() - t0
     run_dir = _new_run_dir(out, started)
     run_id = store.begin_run(run_dir.name, started.isoformat(timespec="seconds"), root)
     known = {r["rel"]: (r["size"], r["mtime_ns"], r["sha256"], r["status"], r["error"], r["model_sha256"])
@@ -519,8 +539,9 @@ def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> Run
     try:
         with stop:
             prog = Progress(len(files), "images")
-            # closing(): on an error the decode threads / worker feed shut down here, not at GC.
-            with contextlib.closing(inference.groups(files, known, lambda: stop.signum is not None)) as groups:
+            # closing(): on an error the workers are stopped here, not at GC.
+            with contextlib.closing(inference.groups(files, known, out / WORK_LIST,
+                                                     lambda: stop.signum is not None)) as groups:
                 for group in groups:
                     t = time.monotonic()
                     n_inferred += _store_group(store, run_id, root, model_sha, group)
@@ -543,7 +564,7 @@ def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> Run
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
-                        "first_group_seconds": round(first_group_seconds, 3),
+                        "discover_seconds": round(discover_seconds, 3), "first_group_seconds": round(first_group_seconds, 3),
                         **{k: round(v, 3) for k, v in inference.timings.items()}},
             "worker_memory": inference.memory,
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,

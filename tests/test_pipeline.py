@@ -160,7 +160,7 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_p
 
 
 def test_two_device_workers_store_the_same_as_one_process(slides, tmp_path):
-    """`--devices cpu,cpu`: two worker processes over one shared work list, this process the single
+    """`--devices cpu,cpu`: two worker processes claiming chunks of one work list, this process the single
     writer. Same images, errors and detections as the in-process run (a second CPU stands in for
     a second GPU: the hand-off, not the device, is under test here)."""
     (slides / "slide-B" / "notes.jpg").write_text("not an image")
@@ -174,6 +174,7 @@ def test_two_device_workers_store_the_same_as_one_process(slides, tmp_path):
     assert [m["device"] for m in info["worker_memory"]] == ["cpu", "cpu"]     # each worker's, not each device's
     for name in ("detections.csv", "counts.csv", "errors.csv"):
         assert read_csv(two / "latest" / name) == read_csv(one / "latest" / name), name
+    assert not (two / ".work-list").exists()      # the workers' work list goes with its run
     cli("run", slides, "--out", two, "--devices", "cpu,cpu", check_rc=3)
     assert json.loads((two / "latest" / "run.json").read_text())["images"] == {"discovered": 6, "new": 0, "skipped": 5, "failed": 1}
 
@@ -217,9 +218,12 @@ def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd)
         time.sleep(0.5)
     assert not any(_alive(w) for w in workers), "worker processes outlived their killed parent"
 
+    assert (out / ".work-list").exists()     # the killed run's: the next run writes its own over it
+
     cli("run", slides, "--out", out, "--devices", "cpu,cpu", check_rc=0)
     for name in ["detections.csv", "counts.csv", "slides.csv", "errors.csv"]:
         assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
+    assert not (out / ".work-list").exists()
 
 
 def test_batches_submit_the_next_before_collecting_the_last():
