@@ -51,12 +51,11 @@ def model_only(engine, images: list[np.ndarray], batch: int, repeats: int) -> fl
 
 
 def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int,
-               decode_workers: int, workers_per_device: int | None) -> dict:
+               decode_workers: int | None, workers_per_device: int | None) -> dict:
     """One `bccd-batch run` over the folder. Images/s from the run's own clock, which starts once
     the engines are built (compiling takes tens of seconds per process and is paid once a night,
     so it is reported apart as startup_s), and how long the engines waited for decoded images.
-    More decode threads than the engine needs only slow it: its glue is Python that shares the
-    GIL and the cores with them (16 threads gave 245 images/s where 4 gave 278, one H200)."""
+    Decode threads per worker as `run` chooses them (`pipeline.decode_threads`) unless given."""
     t = time.perf_counter()
     res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
                          batch_size=batch, decode_workers=decode_workers, workers_per_device=workers_per_device),
@@ -66,7 +65,8 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     # Summed over workers, so divide by their number to get the share of each engine's run.
     workers = res.info["device"].split(",")
     n_dev = len(workers)
-    return {"devices": len(set(workers)), "workers": n_dev, "end_to_end_img_s": res.info["images_per_s"],
+    return {"devices": len(set(workers)), "workers": n_dev, "decode_threads": res.info["decode_threads_per_worker"],
+            "end_to_end_img_s": res.info["images_per_s"],
             "startup_s": round(wall - timings["wall_seconds"], 1),
             **{f"{k}_pct": round(100 * timings[f"{k}_seconds"] / n_dev / timings["wall_seconds"], 1)
                for k in ("decode_wait", "file_wait", "store_wait")},
@@ -79,7 +79,7 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
-              device_sets: list[str] = (), decode_workers: int = 4, workers_per_device: int | None = None,
+              device_sets: list[str] = (), decode_workers: int | None = None, workers_per_device: int | None = None,
               log=print) -> list[dict]:
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
     several devices in `device_sets` (worker processes per device as in `run`)."""
@@ -123,7 +123,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "devices", "workers", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
+    cols = ["engine", "batch", "devices", "workers", "decode_threads", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
             "file_wait_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "discover_s", "first_group_s", "images", "scaling",
             "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -155,7 +155,8 @@ def run(
                                help="auto, cpu, cuda, cuda:N, a list (cuda:0,cuda:1) or all; each gets --workers-per-device worker processes."),
     batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
     full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
-    decode_workers: int = typer.Option(4, min=1, help="Threads that read, hash and decode images, per worker."),
+    decode_workers: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_DECODE_WORKERS",
+                                                 help="Threads that read, hash and decode images, per worker [default: half the cores over the workers, 2-8]."),
     workers_per_device: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_WORKERS_PER_DEVICE",
                                                      help="Worker processes per device; default 2 per GPU, 1 on the CPU."),
     precision: str = typer.Option("fp16", envvar="BCCD_BATCH_PRECISION",
@@ -327,7 +328,7 @@ def bench(
     engines: str = typer.Option("torch:8,compiled:32,tensorrt:32", help="engine:batch pairs, comma-separated."),
     devices: list[str] = typer.Option([], help="Also run the last engine end to end on these devices (cuda:0,cuda:1 or all); repeatable."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
-    decode_workers: int = typer.Option(4, min=1, help="Decode threads per worker, as `run --decode-workers`."),
+    decode_workers: Optional[int] = typer.Option(None, min=1, help="Decode threads per worker, as `run --decode-workers`."),
     workers_per_device: Optional[int] = typer.Option(None, min=1, help="As `run --workers-per-device`."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""

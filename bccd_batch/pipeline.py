@@ -61,7 +61,7 @@ class RunOptions:
     device: str = "auto"
     batch_size: int = 8
     full: bool = False
-    decode_workers: int = 4
+    decode_workers: int | None = None          # threads per worker; None: decode_threads()
     labels: Path | None = None
     workers_per_device: int | None = None      # None: 2 per GPU, 1 on the CPU (worker_devices)
     precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
@@ -259,6 +259,15 @@ def worker_devices(devices: list[str], per_device: int | None = None) -> list[st
     return [d for d in devices for _ in range(per_device)]
 
 
+def decode_threads(workers: int, cpus: int | None = None) -> int:
+    """Decode threads per worker by default: half the host's cores shared among its workers, 2 to 8.
+    One 64-core 4xH100 machine, 20,000 images, compiled fp16 batch 32: one GPU's two workers gave
+    1,734 images/s with 8 threads each (engines waiting for decoded images 1.9% of the run) against
+    1,589 with 4 (26.9%); four GPUs' eight workers gave 4,296 with 8 each against 5,215 with 4."""
+    cpus = cpus or len(os.sched_getaffinity(0))
+    return max(2, min(8, cpus // (2 * workers)))
+
+
 def rss_mb() -> float:
     """Resident set size of this process, from /proc."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -288,7 +297,9 @@ def run(opts: RunOptions, log=print) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        with _WorkerPool(worker_devices(parse_devices(opts.device), opts.workers_per_device), opts, log) as workers:
+        devices = worker_devices(parse_devices(opts.device), opts.workers_per_device)
+        opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
+        with _WorkerPool(devices, opts, log) as workers:
             return _run_locked(opts, out, workers, log)
     finally:
         lock.close()
@@ -560,7 +571,7 @@ def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> Run
             "finished_utc": _utc_now().isoformat(timespec="seconds"),
             "model": {"name": card.get("name"), "sha256": model_sha, "thresholds": thresholds},
             "engine": inference.name, "device": inference.device, "device_name": inference.device_name,
-            "batch_size": opts.batch_size, "full": opts.full,
+            "batch_size": opts.batch_size, "decode_threads_per_worker": opts.decode_workers, "full": opts.full,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),

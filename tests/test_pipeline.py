@@ -74,6 +74,15 @@ def test_worker_devices_repeat_each_device_in_order():
     assert worker_devices(["cpu"]) == ["cpu"]       # the CPU's default: one worker (torch uses every core)
 
 
+def test_decode_threads_share_half_the_cores_between_workers():
+    from bccd_batch.pipeline import decode_threads
+
+    assert decode_threads(2, cpus=64) == 8       # one GPU's two workers on a 64-core host
+    assert decode_threads(8, cpus=64) == 4       # four GPUs' eight
+    assert decode_threads(2, cpus=16) == 4
+    assert decode_threads(1, cpus=2) == 2        # never fewer than 2
+
+
 def _slow_folder(tmp_path, bccd, n):
     root = tmp_path / "many"
     names = sorted(p.name for p in (bccd / "JPEGImages").glob("*.jpg"))[:n]
@@ -260,3 +269,4 @@ def test_batches_submit_the_next_before_collecting_the_last():
     for rel, d in stored:
         i = int(rel[2])
         assert d is None if i == 3 else unpack_detections(d) == [("RBC", 1.0, float(i), 0.0, 1.0, 1.0)]
+
