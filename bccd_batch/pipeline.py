@@ -3,13 +3,13 @@
 Every discovered image ends the run in exactly one state for this run: new (processed now),
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
 
-Worker processes read, decode and infer chunks of a shared work list (`worker_devices`: two per
-GPU by default, one on the CPU; `--devices cuda:0,cuda:1` or `all` for several GPUs); this process
-is the single writer of the store. Processes, not threads, also for one device: the store's SQLite
-calls release and retake the GIL for every row (~25 per field), and beside busy threads each retake
-waits its turn (this 2-core machine: 7,300 fields/s stored alone, 660 beside four busy threads; one
-H200 last session, all in one process: the storing thread 95% busy at ~750 fields/s end to end).
-A worker also keeps a compiled engine's CUDA graph and buffers on the one thread that replays them.
+Worker processes claim chunks of the run's work list and read, decode and infer them
+(`worker_devices`: two per GPU by default, one on the CPU; `--devices cuda:0,cuda:1` or `all` for
+several GPUs); this process is the single writer of the store. Processes, not threads, also for one
+device: the decode threads, the engine's Python glue and the store's SQLite calls (each releases and
+retakes the GIL) all take turns at one GIL, and in one process each waited (an earlier
+single-process version on an H200: the storing thread 95% busy at ~750 fields/s end to end). A
+worker also keeps a compiled engine's CUDA graph and buffers on the one thread that replays them.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def _new_run_dir(out: Path, now: dt.datetime) -> Path:
     raise RuntimeError(f"cannot create a run folder under {runs}")
 
 
-def _prepare(f: ImageFile, known: dict, model_sha: str, full: bool) -> _Prepared:
+def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool) -> _Prepared:
+    """Read, hash and decode `f`, unless its `prior` record (size, mtime_ns, sha256, status, error,
+    model sha256, from the store) says it is unchanged and already done."""
     p = _Prepared(f)
     try:
         st = os.stat(f.path)
@@ -151,7 +153,6 @@ def _prepare(f: ImageFile, known: dict, model_sha: str, full: bool) -> _Prepared
         p.error = f"cannot read: {e.strerror or e}"
         return p
     p.size, p.mtime_ns, p.sha256 = st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest()
-    prior = known.get(f.rel)
     if not full and prior is not None and prior[:3] == (p.size, p.mtime_ns, p.sha256):
         if prior[3] == "error":
             p.skip, p.error = "failed", prior[4]
@@ -212,19 +213,20 @@ def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
         yield _submit_group(engine, batch, done, timings)
 
 
-def _decoded_groups(files, known: dict, engine, opts: RunOptions, timings: dict, stop=lambda: False):
-    """Read, hash and decode `files` (any iterable) on a thread pool, at most a bounded window
-    ahead, and yield the stored-ready groups of `_batches`: each device worker's loop."""
+def _decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: False):
+    """Read, hash and decode the files of `work` (any iterable of (file, prior record)) on a thread
+    pool, at most a bounded window ahead, and yield the stored-ready groups of `_batches`: each
+    device worker's loop."""
     model_sha = engine.card["weights"]["sha256"]
     window = max(2 * opts.batch_size, 4 * opts.decode_workers)
     with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
-        prepared = _ordered(pool, lambda f: _prepare(f, known, model_sha, opts.full), files, window)
+        prepared = _ordered(pool, lambda item: _prepare(*item, model_sha, opts.full), work, window)
         yield from _batches(prepared, engine, opts.batch_size, timings, stop)
 
 
 def _new_timings() -> dict:
     """Seconds a worker spent in its engine; waiting for decoded images (file_wait: the part of that
-    spent waiting for file names from this process); waiting for room to send results to the store."""
+    spent claiming and reading chunks of the work list); waiting for room to send results to the store."""
     return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0, "file_wait_seconds": 0.0, "store_wait_seconds": 0.0}
 
 
@@ -346,7 +348,6 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
             engine.warm_up()
         send(("ready", device, engine.name, engine.device_name, engine.device))
         timings = _new_timings()
-        known: dict = {}
         memory = {"rss_mb_first_group": None, "rss_mb_end": None}
 
         while True:     # the work list comes once the parent has discovered the files
@@ -360,8 +361,9 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
             return
         path, offsets = work_list
 
-        def files(work):
-            # One continuous stream over the chunks, so the decode window stays full across them.
+        def claimed(work):
+            # (file, prior record) of each chunk this worker claims, as one continuous stream so the
+            # decode window stays full across chunks.
             while not halt.is_set():
                 t = time.monotonic()
                 with next_chunk.get_lock():
@@ -372,14 +374,11 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
                 work.seek(offsets[k])
                 chunk = pickle.loads(work.read(offsets[k + 1] - offsets[k]))
                 timings["file_wait_seconds"] += time.monotonic() - t
-                for f, prior in chunk:
-                    if prior is not None:
-                        known[f.rel] = prior
-                    yield f
+                yield from chunk
 
         # Timed from here: waiting for the other workers to start or for discovery is not waiting for decode.
         with open(path, "rb") as work:
-            for group in _decoded_groups(files(work), known, engine, opts, timings, halt.is_set):
+            for group in _decoded_groups(claimed(work), engine, opts, timings, halt.is_set):
                 # After the first group: engine built, compiled, warmed up; growth from here is a leak.
                 memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
                 t = time.monotonic()

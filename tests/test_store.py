@@ -96,42 +96,33 @@ def test_detections_pack_best_first_and_unpack_to_what_went_in():
     assert unpack_detections(pack_detections([])) == [] and unpack_detections(None) == []
 
 
-def test_a_version_0_store_migrates_with_every_image_and_detection(tmp_path):
+# v0 stores get fresh image ids in (root, rel) order; v2 stores keep theirs.
+@pytest.mark.parametrize("old_store, ids", [(_v0_store, [1, 2, 3]), (_v2_store, [7, 8, 3])], ids=["v0", "v2"])
+def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_store, ids):
     path = tmp_path / "s.sqlite"
-    _v0_store(path)
+    old_store(path)
     store = Store(path)
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert _detections(store) == EXPECTED
-    assert [(r["rel"], r["status"], r["outcome"]) for r in store.run_images(1, ROOT)] == [
-        ("a/1.jpg", "ok", "new"), ("b/2.jpg", "ok", "new"), ("c/bad.jpg", "error", "failed")]
-    assert store.image(ROOT, "c/bad.jpg")["error"] == "empty file"
-    assert {r["name"] for r in store.db.execute("SELECT name FROM sqlite_master WHERE name LIKE '%v0%'")} == set()
+    assert [(r["id"], r["rel"], r["status"], r["outcome"]) for r in store.run_images(1, ROOT)] == [
+        (ids[0], "a/1.jpg", "ok", "new"), (ids[1], "b/2.jpg", "ok", "new"), (ids[2], "c/bad.jpg", "error", "failed")]
+    bad = store.image(ROOT, "c/bad.jpg")
+    assert bad["error"] == "empty file" and bad["detections"] is None
+    old_tables = "SELECT name FROM sqlite_master WHERE name LIKE '%v0%' OR name LIKE 'detections%'"
+    assert store.db.execute(old_tables).fetchall() == []
     store.close()
 
     store = Store(path)     # opening again changes nothing
     assert _detections(store) == EXPECTED
     # Re-recording an image keeps its id and replaces its detections.
-    image_id = store.image(ROOT, "a/1.jpg")["id"]
     with store.transaction():
         store.record_images(2, ROOT, [{"rel": "a/1.jpg", "slide": "a", "size": 11, "mtime_ns": 21, "sha256": "h2",
                                        "width": 640, "height": 480, "model_sha256": "m2",
                                        "detections": pack_detections([("RBC", 0.5, 0, 0, 9, 9)])}])
-    assert store.image(ROOT, "a/1.jpg")["id"] == image_id and store.image(ROOT, "a/1.jpg")["sha256"] == "h2"
-    assert unpack_detections(store.image(ROOT, "a/1.jpg")["detections"]) == [("RBC", 0.5, 0, 0, 9, 9)]
+    again = store.image(ROOT, "a/1.jpg")
+    assert again["id"] == ids[0] and again["sha256"] == "h2"
+    assert unpack_detections(again["detections"]) == [("RBC", 0.5, 0, 0, 9, 9)]
     assert [(r["rel"], r["outcome"]) for r in store.run_images(2, ROOT)] == [("a/1.jpg", "new")]
-    store.close()
-
-
-def test_a_version_2_store_migrates_keeping_image_ids(tmp_path):
-    path = tmp_path / "s.sqlite"
-    _v2_store(path)
-    store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert _detections(store) == EXPECTED
-    assert [(r["id"], r["rel"], r["status"], r["outcome"]) for r in store.run_images(1, ROOT)] == [
-        (7, "a/1.jpg", "ok", "new"), (8, "b/2.jpg", "ok", "new"), (3, "c/bad.jpg", "error", "failed")]
-    assert store.image(ROOT, "c/bad.jpg")["detections"] is None
-    assert store.db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'detections%'").fetchall() == []
     store.close()
 
 
