@@ -172,6 +172,7 @@ def run(
     from .labels import LabelError
     from .model import ModelError
     from .pipeline import EXIT_LOCKED, LockedError, RunOptions, run as run_pipeline
+    from .store import StoreError
 
     if not slides.is_dir():
         raise _fail(f"slides folder not found: {slides}")
@@ -184,7 +185,7 @@ def run(
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:
         raise _fail(f"{e}; exiting", EXIT_LOCKED)
-    except (EngineError, ModelError) as e:
+    except (EngineError, ModelError, StoreError) as e:
         raise _fail(str(e))
     code = result.exit_code
     if labels is not None and result.info["status"] == "finished":
@@ -228,10 +229,11 @@ def report(
 ) -> None:
     """(Re)render OUT/runs/RUN/report.html and OUT/index.html from the store."""
     from .score import resolve_run_name
+    from .store import StoreError
 
     try:
         typer.echo(str(_render(out, resolve_run_name(out, run_name))))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StoreError) as e:
         raise _fail(str(e))
 
 
@@ -244,12 +246,13 @@ def score(
     """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""
     from .labels import LabelError
     from .score import resolve_run_name
+    from .store import StoreError
 
     try:
         name = resolve_run_name(out, run_name)
         _score_run(out, name, labels)
         _render(out, name)
-    except (LabelError, FileNotFoundError) as e:
+    except (LabelError, FileNotFoundError, StoreError) as e:
         raise _fail(str(e))
 
 

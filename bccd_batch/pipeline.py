@@ -294,15 +294,19 @@ def parse_devices(spec: str) -> list[str]:
 
 
 def run(opts: RunOptions, log=print) -> RunResult:
-    """Raises LockedError, EngineError, ModelError for the CLI to map to exit codes."""
+    """Raises LockedError, EngineError, ModelError, StoreError for the CLI to map to exit codes."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        devices = worker_devices(parse_devices(opts.device), opts.workers_per_device)
-        opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
-        with _WorkerPool(devices, opts, log) as workers:
-            return _run_locked(opts, out, workers, log)
+        store = Store(out / STORE_NAME)     # before any worker starts: a store we cannot use ends the run here
+        try:
+            devices = worker_devices(parse_devices(opts.device), opts.workers_per_device)
+            opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
+            with _WorkerPool(devices, opts, log) as workers:
+                return _run_locked(opts, out, store, workers, log)
+        finally:
+            store.close()
     finally:
         lock.close()
 
@@ -527,11 +531,10 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
     return sum(1 for m in images if "detections" in m)
 
 
-def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> RunResult:
+def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPool, log) -> RunResult:
     card = inference.card
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]
-    store = Store(out / STORE_NAME)
     if store.abandon_stale_runs():
         log("an earlier run was killed before it finished; its committed batches are kept")
     root = str(Path(opts.slides).resolve())
@@ -584,7 +587,6 @@ def _run_locked(opts: RunOptions, out: Path, inference: _WorkerPool, log) -> Run
         store.finish_run(run_id, status, info["finished_utc"], info)
         write_run_files(run_dir, data, info)
         point_latest(out, run_dir)
-        store.close()
     if stop.signum is not None:
         code = EXIT_SIGNAL[stop.signum]
     else:

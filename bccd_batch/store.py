@@ -100,6 +100,10 @@ MIGRATE_FROM_2 = "ALTER TABLE images ADD COLUMN detections BLOB"
 DETECTIONS_FROM_2 = "SELECT image_id, cls, score, x0, y0, x1, y1 FROM detections ORDER BY image_id, rowid"
 
 
+class StoreError(sqlite3.DatabaseError):
+    """A store this version cannot use (written by a newer one); the message says which."""
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -118,7 +122,8 @@ class Store:
         with self.transaction():
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"{self.path} was written by a newer bccd-batch (store version {version})")
+                raise StoreError(f"{self.path} was written by a newer bccd-batch (store version {version});"
+                                 " use that version or another --out")
             columns = {r["name"] for r in self.db.execute("PRAGMA table_info(detections)")}
             if "rel" in columns:
                 self._run_script(MIGRATE_FROM_0.format(schema=SCHEMA))

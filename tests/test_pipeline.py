@@ -65,6 +65,17 @@ def test_usage_errors_exit_2(tmp_path, slides):
     # Raised inside the worker process, reported by the parent as the same one-line usage error.
     p = cli("run", slides, "--out", tmp_path / "o", "--engine", "compiled", "--device", "cpu")
     assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+    # A store written by a newer version: refused before any worker starts, and left as it was.
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    db = sqlite3.connect(newer / "bccd-batch.sqlite")
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    for args in (("run", slides), ("report", "a-run"), ("score", "a-run", "--labels", slides)):
+        p = cli(*args, "--out", newer)
+        assert p.returncode == 2 and "newer bccd-batch (store version 99)" in p.stderr, args
+        assert "Traceback" not in p.stderr and not (newer / "runs").exists() and "engine:" not in p.stderr
+    assert sqlite3.connect(newer / "bccd-batch.sqlite").execute("PRAGMA user_version").fetchone()[0] == 99
 
 
 def test_worker_devices_repeat_each_device_in_order():
