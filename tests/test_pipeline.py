@@ -280,4 +280,3 @@ def test_batches_submit_the_next_before_collecting_the_last():
     for rel, d in stored:
         i = int(rel[2])
         assert d is None if i == 3 else unpack_detections(d) == [("RBC", 1.0, float(i), 0.0, 1.0, 1.0)]
-
