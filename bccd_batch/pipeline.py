@@ -183,7 +183,7 @@ def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
 
 
 def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: False):
-    """Groups of (prepared, (h, w) or None, detections or None) ready to store: decoded images go
+    """Groups of (prepared, (h, w) or None, packed detections or None) ready to store: decoded images go
     through the engine `batch_size` at a time, failures and skips ride along with the next group.
     Each batch is submitted before the one before it is collected, so an engine that runs ahead
     (`engines.submit`) has the GPU busy while this thread stacks the next batch. Decoded arrays are
@@ -446,7 +446,7 @@ class _WorkerPool:
             raise
         names.sort(key=lambda m: self.devices.index(m[1]))
         self.name = names[0][2]
-        # Summed over the workers: seconds of engine time and of engines waiting for decode.
+        # Summed over the workers (`_new_timings`).
         self.timings = _new_timings()
         self.memory: list[dict] = []      # per worker: its device, its RSS after its first group and at its end
         self.device = ",".join(m[4] for m in names)     # what the engines run on (cuda without a GPU: cpu)
