@@ -41,6 +41,11 @@ class TrainConfig:
     amp: bool = True
     mosaic: float = 0.0           # probability that a training sample is a 2x2 mosaic of four fields
     copy_paste: float = 0.0       # probability that platelets from other fields are pasted into a sample
+    # Fraction of the final epochs trained without mosaic, so the last steps see whole fields as
+    # they come at test time (YOLO detectors' "close mosaic").
+    close_mosaic: float = 0.0
+    # NHWC on CUDA: bf16 convolutions run on tensor cores without a layout transpose around each.
+    channels_last: bool = True
     # Seconds for the whole run: after three epochs the epoch count is cut to what fits, so the
     # cosine schedule still ends at its floor when the time is up.
     time_budget: float | None = None
@@ -170,6 +175,8 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
     model = build_model(model_cfg).to(dev)
     if init_state is not None:
         model.load_state_dict(init_state)
+    if cfg.channels_last and dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
@@ -182,14 +189,23 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         start_epoch, step, best_ap, history = ck["epoch"], ck["step"], ck["best_ap"], json.loads(ck["history"])
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
 
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-        num_workers=cfg.workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-        persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    def make_loader(epoch: int):
+        # Persistent workers keep their own copy of the dataset, so closing mosaic needs new ones.
+        train_ds.mosaic = cfg.mosaic if epoch < cfg.epochs - round(cfg.close_mosaic * cfg.epochs) else 0.0
+        return torch.utils.data.DataLoader(
+            train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
+            num_workers=cfg.workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+            persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+        )
+
+    loader = make_loader(start_epoch)
     writer = _summary_writer(out_dir)
     t_start = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
+        if train_ds.mosaic and epoch >= cfg.epochs - round(cfg.close_mosaic * cfg.epochs):
+            del loader
+            loader = make_loader(epoch)
+            log(f"epoch {epoch + 1}: mosaic off for the last {cfg.epochs - epoch} epochs")
         model.train()
         set_inference_size(model, model_cfg)
         prog = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
