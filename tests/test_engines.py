@@ -37,6 +37,31 @@ def test_split_torch_stages_equal_eager(setup):
     _assert_same_detections(infer_split(det, model, images, torch.device("cpu"), 2), ref, box_tol=0.011)
 
 
+def test_one_pass_roi_align_equals_torchvision_at_the_field_edges(setup, monkeypatch):
+    """The split's RoIAlign (every level in one stack, each RoI on its own level) against
+    torchvision's MultiScaleRoIAlign, with boxes of every level touching the field's right and
+    bottom edges, where a level's last row and column are read; the stack's unwritten part is
+    filled with NaN, so reading it would show."""
+    from collections import OrderedDict
+
+    model, _, _ = setup
+    det = SplitDetector(model, DenseStage(model).eval(), BoxStage(model).eval(), torch.device("cpu"))
+    (h, w), (ph, pw) = det.resized_hw, det.padded_hw
+    fpn = [torch.randn(2, 8, ph // s, pw // s) for s in (8, 16, 32)]
+    sizes = torch.tensor([12.0, 40.0, 100.0, 250.0, 600.0])
+    corners = torch.tensor([[w, h], [w, 0.0], [0.0, h], [w / 2, h / 2]])
+    boxes = torch.cat([torch.cat([(c - s).clamp(min=0), c.clamp(max=torch.tensor([w, h]))])[None]
+                       for s in sizes for c in corners]).view(1, -1, 4).expand(2, -1, -1).contiguous()
+    real_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: real_empty(t, *a, **k).fill_(float("nan")))
+    got = det._roi_features(fpn, boxes)
+    pool = model.roi_heads.box_roi_pool
+    want = pool(OrderedDict((str(i), f) for i, f in enumerate(fpn)), list(boxes), [(h, w)] * 2)
+    assert len(set(pool.map_levels([boxes[0]]).tolist())) == 3     # every level is exercised
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_onnx_graphs_match_pytorch(setup, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
