@@ -4,7 +4,7 @@ Every discovered image ends the run in exactly one state for this run: new (proc
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
 
 Worker processes claim chunks of the run's work list and read, decode and infer them
-(`worker_devices`: two per GPU by default, one on the CPU; `--devices cuda:0,cuda:1` or `all` for
+(`worker_devices`: three per GPU by default, one on the CPU; `--devices cuda:0,cuda:1` or `all` for
 several GPUs); this process is the single writer of the store. Processes, not threads, also for one
 device: the decode threads, the engine's Python glue and the store's SQLite calls (each releases and
 retakes the GIL) all take turns at one GIL, and in one process each waited (an earlier
@@ -63,7 +63,7 @@ class RunOptions:
     full: bool = False
     decode_workers: int | None = None          # threads per worker; None: decode_threads()
     labels: Path | None = None
-    workers_per_device: int | None = None      # None: 2 per GPU, 1 on the CPU (worker_devices)
+    workers_per_device: int | None = None      # None: 3 per GPU, 1 on the CPU (worker_devices)
     precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
 
 
@@ -249,25 +249,29 @@ def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, timin
 
 
 def worker_devices(devices: list[str], per_device: int | None = None) -> list[str]:
-    """One entry per worker process. By default two per GPU: a worker's decode threads and engine
-    glue share one GIL and leave its GPU idle between batches, which a second worker's batches
-    fill (one H100, same call: 1,642 images/s end to end with two workers against 908 with one).
-    One on the CPU, where torch already spreads one worker over every core."""
+    """One entry per worker process. By default three per GPU: a worker's decode threads and engine
+    glue share one GIL and leave its GPU idle between batches, which the other workers' batches
+    fill. One H100 on a 16-core host, compiled fp16 batch 32, 10,000 images, one call: three
+    workers with 4 decode threads each 1,970 images/s end to end, two 1,459-1,558 (an earlier
+    session: two 1,642, one 908). One on the CPU, where torch already spreads one worker over
+    every core."""
     if per_device is None:
         import torch
 
         gpus = torch.cuda.is_available() and all(d == "auto" or d.startswith("cuda") for d in devices)
-        per_device = 2 if gpus else 1
+        per_device = 3 if gpus else 1
     return [d for d in devices for _ in range(per_device)]
 
 
 def decode_threads(workers: int, cpus: int | None = None) -> int:
-    """Decode threads per worker by default: half the host's cores shared among its workers, 2 to 8.
-    One 64-core 4xH100 machine, 20,000 images, compiled fp16 batch 32: one GPU's two workers gave
-    1,734 images/s with 8 threads each (engines waiting for decoded images 1.9% of the run) against
-    1,589 with 4 (26.9%); four GPUs' eight workers gave 4,296 with 8 each against 5,215 with 4."""
+    """Decode threads per worker by default: three quarters of the host's cores shared among its
+    workers, 2 to 8. Compiled fp16 batch 32: on a 16-core H100 host three workers gave 1,970
+    images/s with 4 threads each and 1,928 with 5; on a 64-core 4xH100 host one GPU's two workers
+    gave 1,734 with 8 threads each against 1,589 with 4, and four GPUs' eight workers 5,215 with 4
+    each against 4,296 with 8: too few threads leave the engines waiting for decoded images, too
+    many take the CPU from the workers' own glue."""
     cpus = cpus or len(os.sched_getaffinity(0))
-    return max(2, min(8, cpus // (2 * workers)))
+    return max(2, min(8, 3 * cpus // (4 * workers)))
 
 
 def rss_mb() -> float:

@@ -85,12 +85,12 @@ def test_worker_devices_repeat_each_device_in_order():
     assert worker_devices(["cpu"]) == ["cpu"]       # the CPU's default: one worker (torch uses every core)
 
 
-def test_decode_threads_share_half_the_cores_between_workers():
+def test_decode_threads_share_three_quarters_of_the_cores_between_workers():
     from bccd_batch.pipeline import decode_threads
 
-    assert decode_threads(2, cpus=64) == 8       # one GPU's two workers on a 64-core host
-    assert decode_threads(8, cpus=64) == 4       # four GPUs' eight
-    assert decode_threads(2, cpus=16) == 4
+    assert decode_threads(3, cpus=16) == 4       # one GPU's three workers on a 16-core host
+    assert decode_threads(3, cpus=64) == 8       # ... on a 64-core host (at most 8)
+    assert decode_threads(12, cpus=64) == 4      # four GPUs' twelve
     assert decode_threads(1, cpus=2) == 2        # never fewer than 2
 
 

@@ -47,3 +47,14 @@ def test_init_starts_from_a_model_folder(tmp_path, bccd):
     assert summary["history"][0]["loss"] < 1.2, summary["history"]
     saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
+
+
+def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, bccd):
+    split = tmp_path / "two.txt"
+    split.write_text("BloodImage_00000\nBloodImage_00001\n")
+    labels = read_labels(bccd, split)
+    cfg = TrainConfig(epochs=4, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False,
+                      mosaic=1.0, close_mosaic=0.5)
+    logs: list[str] = []
+    train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", log=logs.append)
+    assert [m for m in logs if "mosaic off" in m] == ["epoch 3: mosaic off for the last 2 epochs"]
