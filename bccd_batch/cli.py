@@ -79,7 +79,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
     init: Optional[Path] = typer.Option(None, help="Start from a model folder's weights and architecture (e.g. engines) on a fresh schedule."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps (smoke runs)."),
-    time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count is fitted to it after 3 epochs."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count (at most --epochs) is fitted to it after 3 and 20 epochs."),
     export: Optional[Path] = typer.Option(None, help="Also write the best weights + model card to this folder."),
 ) -> None:
     """Train the Faster R-CNN from scratch (AMP on CUDA), keeping the best checkpoint by val AP."""

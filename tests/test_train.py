@@ -58,3 +58,15 @@ def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, bccd):
     logs: list[str] = []
     train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", log=logs.append)
     assert [m for m in logs if "mosaic off" in m] == ["epoch 3: mosaic off for the last 2 epochs"]
+
+
+def test_time_budget_fit_can_lengthen_the_run_up_to_epochs():
+    from bccd_batch.train import fitted_epochs
+
+    # After 3 slow warm-up epochs (4.3 s each) a 1,300 s budget looks like ~300 epochs ...
+    first = fitted_epochs(1300, elapsed=13.0, per_epoch=4.3, done=3, cap=3000)
+    assert first == 302
+    # ... and after 20, at 2.6 s each, like ~500: the second fit lengthens the run, within the cap.
+    assert fitted_epochs(1300, elapsed=57.2, per_epoch=2.6, done=20, cap=3000) == 497
+    assert fitted_epochs(1300, elapsed=57.2, per_epoch=2.6, done=20, cap=400) == 400
+    assert fitted_epochs(10, elapsed=57.2, per_epoch=2.6, done=20, cap=3000) == 21   # spent: one more epoch
