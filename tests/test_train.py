@@ -3,6 +3,7 @@ writes must load back both as a training checkpoint and as an exported model."""
 
 import json
 
+import pytest
 import torch
 
 from bccd_batch.cli import export_weights
@@ -12,10 +13,15 @@ from bccd_batch.train import TrainConfig, train
 from conftest import MODEL
 
 
-def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd):
+@pytest.fixture
+def labels(tmp_path, bccd):
+    """The labels of two BCCD training fields, through a split file as `train` reads them."""
     split = tmp_path / "two.txt"
     split.write_text("BloodImage_00000\nBloodImage_00001\n")
-    labels = read_labels(bccd, split)
+    return read_labels(bccd, split)
+
+
+def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
     cfg = TrainConfig(epochs=8, batch_size=2, lr=0.01, warmup_iters=2, workers=0, eval_every=8, amp=False)
     summary = train(labels, bccd / "JPEGImages", labels, bccd / "JPEGImages", tmp_path / "run", cfg, ModelConfig(),
                     "cpu", log=lambda m: None)
@@ -35,12 +41,9 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd):
     assert set(out[0]) == {"boxes", "scores", "labels"}
 
 
-def test_init_starts_from_a_model_folder(tmp_path, bccd):
+def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
     """--init: the shipped model's weights and architecture start the run, so its very first loss
     is far below a fresh network's (about 2.4 on these images, from the test above)."""
-    split = tmp_path / "two.txt"
-    split.write_text("BloodImage_00000\nBloodImage_00001\n")
-    labels = read_labels(bccd, split)
     cfg = TrainConfig(epochs=1, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
     summary = train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu",
                     init=MODEL, log=lambda m: None)
@@ -49,10 +52,7 @@ def test_init_starts_from_a_model_folder(tmp_path, bccd):
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
 
 
-def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, bccd):
-    split = tmp_path / "two.txt"
-    split.write_text("BloodImage_00000\nBloodImage_00001\n")
-    labels = read_labels(bccd, split)
+def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, bccd, labels):
     cfg = TrainConfig(epochs=4, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False,
                       mosaic=1.0, close_mosaic=0.5)
     logs: list[str] = []
