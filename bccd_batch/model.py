@@ -22,7 +22,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.boxes import clip_boxes_to_image
@@ -61,6 +61,10 @@ class ModelConfig:
     box_head_convs: tuple[int, ...] = (128, 128)
     box_head_fc: int = 512
     box_batch_size_per_image: int = 256
+    # Training only: give each class an equal expected share of the box head's positive RoIs
+    # (`ClassBalancedSampler`) instead of shares in proportion to its instances (~20 RBCs to 1-2
+    # platelets per field).
+    box_class_balanced: bool = False
     # Duplicate removal within a class (nms.py): "matrix" (Gaussian Matrix NMS, sigma) or "hard"
     # (greedy NMS at box_nms_thresh). Cards written before this choice existed mean "hard".
     box_nms: str = "matrix"
@@ -150,6 +154,8 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
+    if cfg.box_class_balanced:
+        model.roi_heads.fg_bg_sampler = ClassBalancedSampler(cfg.box_batch_size_per_image, 0.25)
     # FasterRCNN builds its RoIHeads itself: keep torchvision's forward, swap only its last step,
     # so the eager model and the split engines share one post-processing (nms.py). Bound to the
     # box coder, not the heads: a heads -> partial -> heads cycle would keep a dropped model (and
@@ -158,6 +164,27 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     model.config = cfg  # what the split engines' own glue reads (NMS kind, thresholds)
     set_inference_size(model, cfg)
     return model
+
+
+class ClassBalancedSampler(BalancedPositiveNegativeSampler):
+    """torchvision's RoI sampler (same quota, same negatives) with the positives drawn without
+    replacement with weight 1 / (that class's positives in the field), so each class gets an equal
+    expected share of the quota while it has RoIs to give."""
+
+    def __call__(self, labels: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pos, neg = super().__call__(labels)
+        for lab, mask in zip(labels, pos):
+            positive = torch.where(lab >= 1)[0]
+            k = int(mask.sum())
+            if k == positive.numel():
+                continue
+            cls = lab[positive]
+            weight = 1.0 / torch.bincount(cls)[cls].float()
+            # Weighted sampling without replacement (Efraimidis and Spirakis): the k largest u^(1/w).
+            keys = torch.rand(positive.numel(), device=lab.device).log() / weight
+            mask.zero_()
+            mask[positive[keys.topk(k).indices]] = 1
+        return pos, neg
 
 
 def postprocess_detections(cfg: ModelConfig, box_coder: BoxCoder, class_logits: torch.Tensor, box_regression: torch.Tensor,

@@ -4,7 +4,9 @@ import shutil
 import pytest
 import torch
 
-from bccd_batch.model import ModelConfig, ModelError, build_model, load_model, read_card, save_model
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from bccd_batch.model import ClassBalancedSampler, ModelConfig, ModelError, build_model, load_model, read_card, save_model
 from conftest import MODEL
 
 
@@ -63,3 +65,22 @@ def test_cards_without_box_nms_mean_hard_nms():
     assert ModelConfig.from_dict(arch).box_nms == "hard"
     with pytest.raises(ModelError, match="box_nms"):
         ModelConfig.from_dict({**arch, "box_nms": "soft"})
+
+
+def test_class_balanced_sampler_gives_the_rare_class_its_share():
+    # One field's RoI labels: 300 RBC, 20 platelet positives, 600 negatives, 20 ignored (-1).
+    labels = torch.tensor([1] * 300 + [3] * 20 + [0] * 600 + [-1] * 20)
+    platelets = {"plain": [], "balanced": []}
+    for seed in range(20):
+        for name, sampler in (("plain", BalancedPositiveNegativeSampler(256, 0.25)), ("balanced", ClassBalancedSampler(256, 0.25))):
+            torch.manual_seed(seed)
+            pos, neg = (m[0].bool() for m in sampler([labels]))
+            assert int(pos.sum()) == 64 and int(neg.sum()) == 192
+            assert not (pos & (labels < 1)).any() and not (neg & (labels != 0)).any()
+            platelets[name].append(int((pos & (labels == 3)).sum()))
+    # In proportion to instances the platelets' expected share of 64 is 64 * 20 / 320 = 4; with equal
+    # weights per class it is half the quota, capped by the 20 there are (measured: mean 18.2).
+    assert sum(platelets["plain"]) / 20 < 6 and sum(platelets["balanced"]) / 20 > 15
+    # Fewer positives than the quota: all of them, as torchvision does.
+    few = torch.tensor([1] * 10 + [3] * 2 + [0] * 500)
+    assert int(ClassBalancedSampler(256, 0.25)([few])[0][0].sum()) == 12
