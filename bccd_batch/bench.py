@@ -35,37 +35,46 @@ def make_folder(src: Path, n: int, dest: Path) -> Path:
     return dest
 
 
-def model_only(engine, images: list[np.ndarray], batch: int, repeats: int) -> float:
+def model_only(engine, images: list[np.ndarray], batch: int, min_seconds: float = 3.0) -> float:
     """Images/s of the engine alone on decoded fields, batches submitted as `run` submits them
-    (the next before the last is collected)."""
+    (the next before the last is collected), passes over `images` repeated for at least
+    `min_seconds` and 3 passes (3 passes of 64 fields were 6 batches of 32 on a GPU: ~0.1 s, and
+    1,912 images/s where 60 batches on the same machine gave 2,167-2,287)."""
     engine.infer(images[:batch])       # warm-up: compilation, cudnn, allocator
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
-    batches = (images[i:i + batch] for _ in range(repeats) for i in range(0, len(images), batch))
-    for _ in one_ahead((submit(engine, b) for b in batches), lambda collect: collect()):
+    passes = 0
+
+    def batches():
+        nonlocal passes
+        while passes < 3 or time.perf_counter() - t < min_seconds:
+            yield from (images[i:i + batch] for i in range(0, len(images), batch))
+            passes += 1
+
+    for _ in one_ahead((submit(engine, b) for b in batches()), lambda collect: collect()):
         pass
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return repeats * len(images) / (time.perf_counter() - t)
+    return passes * len(images) / (time.perf_counter() - t)
 
 
 def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int,
-               decode_workers: int | None, workers_per_device: int | None) -> dict:
+               decode_workers: int | None, workers_per_device: int | None, mps: bool = True) -> dict:
     """One `bccd-batch run` over the folder. Images/s from the run's own clock, which starts once
     the engines are built (compiling takes tens of seconds per process and is paid once a night,
     so it is reported apart as startup_s), and how long the engines waited for decoded images.
     Decode threads per worker as `run` chooses them (`pipeline.decode_threads`) unless given."""
     t = time.perf_counter()
     res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
-                         batch_size=batch, decode_workers=decode_workers, workers_per_device=workers_per_device),
+                         batch_size=batch, decode_workers=decode_workers, workers_per_device=workers_per_device, mps=mps),
               log=lambda m: None)
     wall = time.perf_counter() - t
     timings = res.info["timings"]
     # Summed over workers, so divide by their number to get the share of each engine's run.
     workers = res.info["device"].split(",")
     n_dev = len(workers)
-    return {"devices": len(set(workers)), "workers": n_dev, "decode_threads": res.info["decode_threads_per_worker"],
+    return {"devices": len(set(workers)), "workers": n_dev, "decode_threads": res.info["decode_threads_per_worker"], "mps": res.info["mps"],
             "end_to_end_img_s": res.info["images_per_s"],
             "startup_s": round(wall - timings["wall_seconds"], 1),
             **{f"{k}_pct": round(100 * timings[f"{k}_seconds"] / n_dev / timings["wall_seconds"], 1)
@@ -80,7 +89,7 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
               device_sets: list[str] = (), decode_workers: int | None = None, workers_per_device: int | None = None,
-              log=print) -> list[dict]:
+              mps: bool = True, log=print) -> list[dict]:
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
     several devices in `device_sets` (worker processes per device as in `run`)."""
     images = [decode_file(p) for p in sorted(Path(src).glob("*.jpg"))[:min(64, n)]]
@@ -95,10 +104,10 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
                 continue
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            mo = model_only(engine, images, batch, repeats=3)
+            mo = model_only(engine, images, batch)
             rss0, fds0 = rss_mb(), open_fds()
             e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, decode_workers,
-                             workers_per_device)
+                             workers_per_device, mps)
             rows.append({"engine": engine.name, "batch": batch, "model_only_img_s": round(mo, 1),
                          **e2e, "images": n, "device": engine.device_name, "fds": f"{fds0} -> {open_fds()}",
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
@@ -114,7 +123,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             name, batch = next((e, b) for e, b in reversed(engines) if single["engine"].startswith(e))
             rss0, fds0 = rss_mb(), open_fds()
             e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch,
-                             decode_workers, workers_per_device)
+                             decode_workers, workers_per_device, mps)
             rows.append({**single, "model_only_img_s": "-", **e2e, "peak_gpu_mb": "-",
                          "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()), "fds": f"{fds0} -> {open_fds()}",
                          "scaling": round(e2e["end_to_end_img_s"] / single["end_to_end_img_s"], 2)})
@@ -123,7 +132,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "devices", "workers", "decode_threads", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
+    cols = ["engine", "batch", "devices", "workers", "decode_threads", "mps", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
             "file_wait_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "discover_s", "first_group_s", "images", "scaling",
             "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -165,6 +165,8 @@ def run(
     precision: str = typer.Option("fp16", envvar="BCCD_BATCH_PRECISION",
                                   help="GPU engines: fp16, or fp32 for per-image counts identical to eager torch "
                                        "(87/87 val fields against 85/87, at ~70% of fp16's speed; one H100)."),
+    mps: bool = typer.Option(True, envvar="BCCD_BATCH_MPS",
+                             help="Workers sharing a GPU run under CUDA MPS (an operator's daemon, else one started for the run)."),
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
@@ -183,7 +185,7 @@ def run(
         raise _fail(f"labels path not found: {labels}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels,
-                      workers_per_device=workers_per_device, precision=precision)
+                      workers_per_device=workers_per_device, precision=precision, mps=mps)
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:
@@ -336,13 +338,14 @@ def bench(
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
     decode_workers: Optional[int] = typer.Option(None, min=1, help="Decode threads per worker, as `run --decode-workers`."),
     workers_per_device: Optional[int] = typer.Option(None, min=1, help="As `run --workers-per-device`."),
+    mps: bool = typer.Option(True, help="As `run --mps`."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
     from .bench import run_bench, table
 
     pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
     rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
-                     decode_workers, workers_per_device, log=lambda m: typer.echo(m, err=True))
+                     decode_workers, workers_per_device, mps, log=lambda m: typer.echo(m, err=True))
     typer.echo(table(rows))
 
 

@@ -38,6 +38,7 @@ from .decode import DecodeError, decode_bytes
 from .discover import ImageFile, discover
 from .engines import EngineError, one_ahead, select_engine, submit
 from .model import ModelError, read_card
+from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
 from .store import STORE_NAME, Store, pack_detections
@@ -65,6 +66,7 @@ class RunOptions:
     labels: Path | None = None
     workers_per_device: int | None = None      # None: 3 per GPU, 1 on the CPU (worker_devices)
     precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
+    mps: bool = True                            # workers sharing a GPU under CUDA MPS (mps.py)
 
 
 @dataclasses.dataclass
@@ -307,8 +309,18 @@ def run(opts: RunOptions, log=print) -> RunResult:
         try:
             devices = worker_devices(parse_devices(opts.device), opts.workers_per_device)
             opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
+            mps = mps_for_workers(log) if opts.mps and mps_wanted(devices) else contextlib.nullcontext("off")
+            started, mode = False, "off"
+            try:
+                with mps as mode, _WorkerPool(devices, opts, log) as workers:
+                    started = True
+                    return _run_locked(opts, out, store, workers, log, mode)
+            except EngineError as e:
+                if started or mode != "private":
+                    raise
+                log(f"the workers did not start under the MPS daemon started for this run; starting them without it ({e})")
             with _WorkerPool(devices, opts, log) as workers:
-                return _run_locked(opts, out, store, workers, log)
+                return _run_locked(opts, out, store, workers, log, "off")
         finally:
             store.close()
     finally:
@@ -535,7 +547,7 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
     return sum(1 for m in images if "detections" in m)
 
 
-def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPool, log) -> RunResult:
+def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPool, log, mps: str) -> RunResult:
     card = inference.card
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]
@@ -576,7 +588,7 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
             "slides_root": root, "started_utc": started.isoformat(timespec="seconds"),
             "finished_utc": _utc_now().isoformat(timespec="seconds"),
             "model": {"name": card.get("name"), "sha256": model_sha, "thresholds": thresholds},
-            "engine": inference.name, "device": inference.device, "device_name": inference.device_name,
+            "engine": inference.name, "device": inference.device, "device_name": inference.device_name, "mps": mps,
             "batch_size": opts.batch_size, "decode_threads_per_worker": opts.decode_workers, "full": opts.full,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
