@@ -3,7 +3,6 @@ import shutil
 
 import pytest
 import torch
-
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from bccd_batch.model import ClassBalancedSampler, ModelConfig, ModelError, build_model, load_model, read_card, save_model
