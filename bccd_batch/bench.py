@@ -59,15 +59,14 @@ def model_only(engine, images: list[np.ndarray], batch: int, min_seconds: float 
     return passes * len(images) / (time.perf_counter() - t)
 
 
-def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int,
-               decode_workers: int | None, workers_per_device: int | None, mps: bool = True) -> dict:
+def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: str, batch: int, **run_opts) -> dict:
     """One `bccd-batch run` over the folder. Images/s from the run's own clock, which starts once
     the engines are built (compiling takes tens of seconds per process and is paid once a night,
     so it is reported apart as startup_s), and how long the engines waited for decoded images.
-    Decode threads per worker as `run` chooses them (`pipeline.decode_threads`) unless given."""
+    `run_opts`: other `RunOptions` fields (decode threads, workers per device, MPS, GPU decoding),
+    as `run` chooses them unless given."""
     t = time.perf_counter()
-    res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device,
-                         batch_size=batch, decode_workers=decode_workers, workers_per_device=workers_per_device, mps=mps),
+    res = run(RunOptions(slides=folder, out=out, model_dir=model_dir, engine=engine, device=device, batch_size=batch, **run_opts),
               log=lambda m: None)
     wall = time.perf_counter() - t
     timings = res.info["timings"]
@@ -75,10 +74,10 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     workers = res.info["device"].split(",")
     n_dev = len(workers)
     return {"devices": len(set(workers)), "workers": n_dev, "decode_threads": res.info["decode_threads_per_worker"], "mps": res.info["mps"],
-            "end_to_end_img_s": res.info["images_per_s"],
+            "gpu_decoded": res.info["fields_decoded_on_gpu"], "end_to_end_img_s": res.info["images_per_s"],
             "startup_s": round(wall - timings["wall_seconds"], 1),
             **{f"{k}_pct": round(100 * timings[f"{k}_seconds"] / n_dev / timings["wall_seconds"], 1)
-               for k in ("decode_wait", "file_wait", "store_wait")},
+               for k in ("decode_wait", "file_wait", "device_decode", "store_wait")},
             "engine_busy_pct": round(100 * timings["inference_seconds"] / n_dev / timings["wall_seconds"], 1),
             "store_busy_pct": round(100 * timings["store_seconds"] / timings["wall_seconds"], 1),
             "discover_s": timings["discover_seconds"], "first_group_s": timings["first_group_seconds"],
@@ -88,10 +87,10 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
-              device_sets: list[str] = (), decode_workers: int | None = None, workers_per_device: int | None = None,
-              mps: bool = True, log=print) -> list[dict]:
+              device_sets: list[str] = (), log=print, **run_opts) -> list[dict]:
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
-    several devices in `device_sets` (worker processes per device as in `run`)."""
+    several devices in `device_sets` (worker processes per device as in `run`). `run_opts`: as
+    `end_to_end`'s."""
     images = [decode_file(p) for p in sorted(Path(src).glob("*.jpg"))[:min(64, n)]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,8 +105,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
                 torch.cuda.reset_peak_memory_stats()
             mo = model_only(engine, images, batch)
             rss0, fds0 = rss_mb(), open_fds()
-            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, decode_workers,
-                             workers_per_device, mps)
+            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, **run_opts)
             rows.append({"engine": engine.name, "batch": batch, "model_only_img_s": round(mo, 1),
                          **e2e, "images": n, "device": engine.device_name, "fds": f"{fds0} -> {open_fds()}",
                          "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
@@ -122,8 +120,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
                 continue
             name, batch = next((e, b) for e, b in reversed(engines) if single["engine"].startswith(e))
             rss0, fds0 = rss_mb(), open_fds()
-            e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch,
-                             decode_workers, workers_per_device, mps)
+            e2e = end_to_end(folder, Path(tmp) / f"out-x{len(multi)}", model_dir, name, ",".join(multi), batch, **run_opts)
             rows.append({**single, "model_only_img_s": "-", **e2e, "peak_gpu_mb": "-",
                          "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()), "fds": f"{fds0} -> {open_fds()}",
                          "scaling": round(e2e["end_to_end_img_s"] / single["end_to_end_img_s"], 2)})
@@ -132,8 +129,8 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "devices", "workers", "decode_threads", "mps", "model_only_img_s", "end_to_end_img_s", "startup_s", "decode_wait_pct",
-            "file_wait_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "discover_s", "first_group_s", "images", "scaling",
+    cols = ["engine", "batch", "devices", "workers", "decode_threads", "mps", "gpu_decoded", "model_only_img_s", "end_to_end_img_s", "startup_s",
+            "decode_wait_pct", "file_wait_pct", "device_decode_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "discover_s", "first_group_s", "images", "scaling",
             "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]

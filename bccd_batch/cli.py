@@ -167,6 +167,8 @@ def run(
                                        "(87/87 val fields against 85/87, at ~70% of fp16's speed; one H100)."),
     mps: bool = typer.Option(True, envvar="BCCD_BATCH_MPS",
                              help="Workers sharing a GPU run under CUDA MPS (an operator's daemon, else one started for the run)."),
+    gpu_decode: bool = typer.Option(True, envvar="BCCD_BATCH_GPU_DECODE",
+                                    help="Engines on a GPU get plain JPEGs decoded there by nvJPEG, in batches; other files on the CPU."),
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
@@ -185,7 +187,7 @@ def run(
         raise _fail(f"labels path not found: {labels}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels,
-                      workers_per_device=workers_per_device, precision=precision, mps=mps)
+                      workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode)
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:
@@ -339,13 +341,15 @@ def bench(
     decode_workers: Optional[int] = typer.Option(None, min=1, help="Decode threads per worker, as `run --decode-workers`."),
     workers_per_device: Optional[int] = typer.Option(None, min=1, help="As `run --workers-per-device`."),
     mps: bool = typer.Option(True, help="As `run --mps`."),
+    gpu_decode: bool = typer.Option(True, help="As `run --gpu-decode`."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
     from .bench import run_bench, table
 
     pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
     rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
-                     decode_workers, workers_per_device, mps, log=lambda m: typer.echo(m, err=True))
+                     log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
+                     workers_per_device=workers_per_device, mps=mps, gpu_decode=gpu_decode)
     typer.echo(table(rows))
 
 

@@ -1,4 +1,5 @@
-"""`bccd-batch run`: discover -> read+hash+decode (thread pool) -> infer (batches) -> store -> files.
+"""`bccd-batch run`: discover -> read+hash+decode (thread pool; plain JPEGs for a GPU engine: read
+there, decoded per batch by nvJPEG) -> infer (batches) -> store -> files.
 
 Every discovered image ends the run in exactly one state for this run: new (processed now),
 skipped (unchanged since an earlier run with the same model) or failed (reason recorded).
@@ -34,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .decode import DecodeError, decode_bytes
+from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile, discover
-from .engines import EngineError, one_ahead, select_engine, submit
+from .engines import EngineError, field_hw, one_ahead, select_engine, submit
 from .model import ModelError, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, write_run_files
@@ -67,6 +68,7 @@ class RunOptions:
     workers_per_device: int | None = None      # None: 3 per GPU, 1 on the CPU (worker_devices)
     precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
     mps: bool = True                            # workers sharing a GPU under CUDA MPS (mps.py)
+    gpu_decode: bool = True                     # plain JPEGs decoded by nvJPEG where the engine is on a GPU
 
 
 @dataclasses.dataclass
@@ -83,7 +85,8 @@ class _Prepared:
     size: int | None = None
     mtime_ns: int | None = None
     sha256: str | None = None
-    array: np.ndarray | None = None
+    array: np.ndarray | None = None    # the decoded field (a tensor on the device once nvJPEG decoded it)
+    encoded: bytes | None = None      # a JPEG left for nvJPEG to decode with the rest of its batch
     error: str | None = None
     skip: str | None = None       # "skipped" or "failed" (unchanged and failed before)
 
@@ -143,9 +146,10 @@ def _new_run_dir(out: Path, now: dt.datetime) -> Path:
     raise RuntimeError(f"cannot create a run folder under {runs}")
 
 
-def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool) -> _Prepared:
+def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool, on_device: bool = False) -> _Prepared:
     """Read, hash and decode `f`, unless its `prior` record (size, mtime_ns, sha256, status, error,
-    model sha256, from the store) says it is unchanged and already done."""
+    model sha256, from the store) says it is unchanged and already done. `on_device`: a JPEG that
+    nvJPEG can take is only read here and decoded with its batch on the GPU (`_decode_on_device`)."""
     p = _Prepared(f)
     try:
         st = os.stat(f.path)
@@ -162,6 +166,9 @@ def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool) -> _
         if prior[5] == model_sha:
             p.skip = "skipped"
             return p
+    if on_device and device_decodable(data):
+        p.encoded = data
+        return p
     try:
         p.array = decode_bytes(data)
     except DecodeError as e:
@@ -207,7 +214,7 @@ def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
         timings["decode_wait_seconds"] += time.monotonic() - t
         if p is None:
             break
-        (batch if p.array is not None else done).append(p)
+        (batch if p.array is not None or p.encoded is not None else done).append(p)
         if len(batch) >= batch_size or len(done) >= 256:
             yield _submit_group(engine, batch, done, timings)
             batch, done = [], []
@@ -215,24 +222,52 @@ def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
         yield _submit_group(engine, batch, done, timings)
 
 
-def _decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: False):
+def _decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: False, on_device: bool = False):
     """Read, hash and decode the files of `work` (any iterable of (file, prior record)) on a thread
     pool, at most a bounded window ahead, and yield the stored-ready groups of `_batches`: each
-    device worker's loop."""
+    device worker's loop. `on_device`: JPEGs nvJPEG can take are decoded on the engine's GPU."""
     model_sha = engine.card["weights"]["sha256"]
     window = max(2 * opts.batch_size, 4 * opts.decode_workers)
     with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
-        prepared = _ordered(pool, lambda item: _prepare(*item, model_sha, opts.full), work, window)
+        prepared = _ordered(pool, lambda item: _prepare(*item, model_sha, opts.full, on_device), work, window)
         yield from _batches(prepared, engine, opts.batch_size, timings, stop)
 
 
 def _new_timings() -> dict:
     """Seconds a worker spent in its engine; waiting for decoded images (file_wait: the part of that
-    spent claiming and reading chunks of the work list); waiting for room to send results to the store."""
-    return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0, "file_wait_seconds": 0.0, "store_wait_seconds": 0.0}
+    spent claiming and reading chunks of the work list); decoding batches with nvJPEG; waiting for
+    room to send results to the store. And how many fields nvJPEG decoded."""
+    return {"inference_seconds": 0.0, "decode_wait_seconds": 0.0, "file_wait_seconds": 0.0,
+            "device_decode_seconds": 0.0, "store_wait_seconds": 0.0, "fields_decoded_on_device": 0}
+
+
+def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict) -> list[_Prepared]:
+    """Decode the batch's JPEGs left for the GPU in one nvJPEG call and return the batch's fields
+    that have an image. If nvJPEG refuses any of them, each goes through `decode_bytes` instead, so
+    a bad file is recorded with its reason (moved to `done`) and the others go on."""
+    waiting = [p for p in batch if p.encoded is not None]
+    if not waiting:
+        return batch
+    t = time.monotonic()
+    try:
+        for p, field in zip(waiting, decode_on_device([p.encoded for p in waiting], engine.device)):
+            p.array = field
+        timings["fields_decoded_on_device"] += len(waiting)
+    except RuntimeError:
+        for p in waiting:
+            try:
+                p.array = decode_bytes(p.encoded)
+            except DecodeError as e:
+                p.error = str(e)
+    for p in waiting:
+        p.encoded = None
+    timings["device_decode_seconds"] += time.monotonic() - t
+    done.extend(p for p in batch if p.array is None)
+    return [p for p in batch if p.array is not None]
 
 
 def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict):
+    batch = _decode_on_device(engine, batch, done, timings)
     t = time.monotonic()
     collect = submit(engine, [p.array for p in batch]) if batch else list
     timings["inference_seconds"] += time.monotonic() - t
@@ -245,7 +280,9 @@ def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, timin
     timings["inference_seconds"] += time.monotonic() - t
     group = []
     for p, d in zip(batch, dets):
-        hw, p.array = p.array.shape[:2], None
+        # Only now is the field let go: a tensor nvJPEG decoded must outlive the batch's GPU work
+        # (decode.decode_on_device).
+        hw, p.array = field_hw(p.array), None
         group.append((p, hw, pack_detections(d)))      # here, so the single store writer only binds bytes
     return group + [(p, None, None) for p in done]
 
@@ -366,6 +403,10 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
                                log=lambda m: send(("log", device, m)), precision=opts.precision)
         if hasattr(engine, "warm_up"):      # GPU engines: compile before the run's clock starts
             engine.warm_up()
+        on_device = opts.gpu_decode and engine.device.startswith("cuda")
+        if on_device and (problem := device_decoder_problem(engine.device)):
+            send(("log", device, f"JPEGs decoded on the CPU: nvJPEG cannot be used ({problem})"))
+            on_device = False
         send(("ready", device, engine.name, engine.device_name, engine.device))
         timings = _new_timings()
         memory = {"rss_mb_first_group": None, "rss_mb_end": None}
@@ -398,7 +439,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
 
         # Timed from here: waiting for the other workers to start or for discovery is not waiting for decode.
         with open(path, "rb") as work:
-            for group in _decoded_groups(claimed(work), engine, opts, timings, halt.is_set):
+            for group in _decoded_groups(claimed(work), engine, opts, timings, halt.is_set, on_device):
                 # After the first group: engine built, compiled, warmed up; growth from here is a leak.
                 memory["rss_mb_first_group"] = memory["rss_mb_first_group"] or round(rss_mb())
                 t = time.monotonic()
@@ -583,6 +624,8 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
     finally:
         outcomes = store.outcomes(run_id)
         elapsed = time.monotonic() - t0
+        timings = dict(inference.timings)
+        decoded_on_gpu = timings.pop("fields_decoded_on_device")
         info = {
             "tool": "bccd-batch", "version": __version__, "run": run_dir.name, "status": status,
             "slides_root": root, "started_utc": started.isoformat(timespec="seconds"),
@@ -590,11 +633,12 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
             "model": {"name": card.get("name"), "sha256": model_sha, "thresholds": thresholds},
             "engine": inference.name, "device": inference.device, "device_name": inference.device_name, "mps": mps,
             "batch_size": opts.batch_size, "decode_threads_per_worker": opts.decode_workers, "full": opts.full,
+            "gpu_decode": opts.gpu_decode, "fields_decoded_on_gpu": decoded_on_gpu,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
                         "discover_seconds": round(discover_seconds, 3), "first_group_seconds": round(first_group_seconds, 3),
-                        **{k: round(v, 3) for k, v in inference.timings.items()}},
+                        **{k: round(v, 3) for k, v in timings.items()}},
             "worker_memory": inference.memory,
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }

@@ -2,10 +2,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from bccd_batch.decode import DecodeError, decode_bytes
-from conftest import bccd_image
+from bccd_batch.decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
+from conftest import FIGURES, bccd_image
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -66,3 +67,54 @@ def test_decompression_bomb_is_refused():
     assert len(data) < 100_000
     with pytest.raises(DecodeError, match="too large|bomb"):
         decode_bytes(data)
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_only_complete_plain_jpegs_are_left_for_nvjpeg():
+    """nvJPEG ignores EXIF turns, refuses CMYK and decodes a truncated file without complaint (all
+    seen on an H100), so anything but a complete baseline colour JPEG goes to decode_bytes."""
+    jpg = bccd_image("BloodImage_00000").read_bytes()
+    rgb = Image.open(io.BytesIO(jpg))
+    assert device_decodable(jpg) == (480, 640)
+    assert device_decodable(encode(rgb, "JPEG", exif=_exif(1))) == (480, 640)
+    huge = bytearray(jpg)
+    i = huge.index(b"\xff\xc0")        # baseline start-of-frame: length(2) precision(1) height(2) width(2)
+    huge[i + 5:i + 9] = (30000).to_bytes(2, "big") * 2
+    for data in (jpg[:20000], jpg + b"garbage", encode(rgb, "JPEG", progressive=True), encode(rgb, "JPEG", exif=_exif(6)),
+                 encode(rgb.convert("L"), "JPEG"), encode(rgb.convert("CMYK"), "JPEG"), encode(rgb, "PNG"),
+                 bytes(huge), b"", b"\xff\xd9"):
+        assert device_decodable(data) is None
+
+
+def test_batch_decode_gives_the_fields_decode_bytes_gives():
+    # torchvision's decoder on the CPU: the same call and layout as nvJPEG's (GPU tests compare those).
+    datas = [bccd_image(n).read_bytes() for n in ("BloodImage_00000", "BloodImage_00001")]
+    for data, field in zip(datas, decode_on_device(datas, "cpu")):
+        a = decode_bytes(data)
+        assert field.shape == (3, 480, 640) and field.dtype == torch.uint8
+        assert np.abs(field.permute(1, 2, 0).numpy().astype(int) - a).mean() < 1.0
+    assert device_decoder_problem("cpu") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
+def test_no_gpu_means_no_device_decoder_and_says_why():
+    assert device_decoder_problem("cuda")
+
+
+@pytest.mark.gpu
+def test_nvjpeg_fields_are_close_to_pillows(bccd):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert device_decoder_problem("cuda") is None
+    datas = [p.read_bytes() for p in sorted((bccd / "JPEGImages").glob("*.jpg"))]
+    diffs = []
+    for k in range(0, len(datas), 32):
+        for data, field in zip(datas[k:k + 32], decode_on_device(datas[k:k + 32], "cuda")):
+            diffs.append(np.abs(field.permute(1, 2, 0).cpu().numpy().astype(int) - decode_bytes(data)).mean())
+    FIGURES.append(f"decode: nvJPEG vs Pillow over {len(diffs)} BCCD fields, mean |difference| {np.mean(diffs):.3f} (worst field {max(diffs):.3f}) grey levels")
+    assert max(diffs) < 1.0

@@ -280,3 +280,39 @@ def test_batches_submit_the_next_before_collecting_the_last():
     for rel, d in stored:
         i = int(rel[2])
         assert d is None if i == 3 else unpack_detections(d) == [("RBC", 1.0, float(i), 0.0, 1.0, 1.0)]
+
+
+def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch):
+    """The `--gpu-decode` path on the CPU (torchvision's decoder where nvJPEG would be, the eager
+    engine taking the 3xHxW fields it gives): each JPEG is decoded with its batch, anything else
+    as before; if the batch decoder refuses, every field still gets decode_bytes and its reason."""
+    from bccd_batch import pipeline
+    from bccd_batch.discover import ImageFile
+    from bccd_batch.engines.torch_eager import TorchEngine
+    from bccd_batch.store import unpack_detections
+
+    names = sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]
+    files = [ImageFile(f"s/{p.name}", "s", p) for p in names]
+    bad = bccd / "JPEGImages" / "missing.jpg"
+    files.append(ImageFile("s/missing.jpg", "s", bad))
+    engine = TorchEngine(Path(__file__).resolve().parent.parent / "engines", "cpu")
+    opts = pipeline.RunOptions(slides=bccd, out=bccd, model_dir=bccd, batch_size=2, decode_workers=2)
+
+    def outcome(on_device):
+        timings = pipeline._new_timings()
+        groups = pipeline._decoded_groups(((f, None) for f in files), engine, opts, timings, on_device=on_device)
+        got = {p.file.rel: (hw, p.error, d and [x[:1] + tuple(round(v) for v in x[2:]) for x in unpack_detections(d) if x[1] >= 0.6])
+               for g in groups for p, hw, d in g}
+        return got, timings["fields_decoded_on_device"]
+
+    host, n_host = outcome(False)
+    device, n_device = outcome(True)
+    assert n_host == 0 and n_device == 3
+    assert device == host and host["s/missing.jpg"][1].startswith("cannot read")
+    assert all(hw == (480, 640) and dets for rel, (hw, _, dets) in host.items() if rel != "s/missing.jpg")
+
+    def refuse(datas, device):
+        raise RuntimeError("Error while decoding JPEG images: Failed to decode batch: 10")
+    monkeypatch.setattr(pipeline, "decode_on_device", refuse)
+    refused, n_refused = outcome(True)
+    assert n_refused == 0 and refused == host

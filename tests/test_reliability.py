@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -114,11 +115,15 @@ def hostile_corpus(root: Path) -> tuple[list[str], list[str]]:
     return out_bad, out_good
 
 
-def test_hostile_corpus_every_input_accounted_for(tmp_path):
+# On a GPU, JPEGs that pass decode.device_decodable are decoded by nvJPEG: the same outcomes.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hostile_corpus_every_input_accounted_for(tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     bad, good = hostile_corpus(tmp_path / "slides")
     assert len(bad) >= 30
     out = tmp_path / "out"
-    cli("run", tmp_path / "slides", "--out", out, "--device", "cpu", "--batch-size", "4", check_rc=3)
+    cli("run", tmp_path / "slides", "--out", out, "--device", device, "--batch-size", "4", check_rc=3)
     errors = {r[0]: r[1] for r in read_csv(out / "latest" / "errors.csv")[1:]}
     counted = {r[0] for r in read_csv(out / "latest" / "counts.csv")[1:]}
     assert set(errors) == set(bad), set(errors) ^ set(bad)
@@ -130,7 +135,9 @@ def test_hostile_corpus_every_input_accounted_for(tmp_path):
     assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == len(bad) + len(good)
     html = (out / "latest" / "report.html").read_text()
     assert "<img src=x onerror=alert(1)>" not in html and "&lt;img src=x onerror=alert(1)&gt;.png" in html
-    summary(f"hostile corpus: {len(bad)} bad files recorded with a reason, {len(good)} good files processed")
+    on_gpu = json.loads((out / "latest" / "run.json").read_text())["fields_decoded_on_gpu"]
+    summary(f"hostile corpus on {device}: {len(bad)} bad files recorded with a reason, {len(good)} good files processed"
+            f" ({on_gpu} decoded by nvJPEG)")
 
 
 def _fixture_folder(tmp_path, n):

@@ -1,5 +1,7 @@
-"""Inference backends. Each turns a batch of HxWx3 uint8 arrays into per-image detection lists
-`[(cls, score, x0, y0, x1, y1), ...]` in pixel coordinates of the input image."""
+"""Inference backends. Each turns a batch of fields into per-image detection lists
+`[(cls, score, x0, y0, x1, y1), ...]` in pixel coordinates of the input image. A field is an HxWx3
+uint8 array on the host or, where it was decoded on the engine's GPU (`decode.decode_on_device`),
+a 3xHxW uint8 tensor there."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ class Engine(Protocol):
     device_name: str   # human-readable, e.g. "NVIDIA H100 80GB HBM3" or the CPU model
 
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]: ...
+
+
+def field_hw(field) -> tuple[int, int]:
+    """(height, width) of a field, on the host (HxWx3) or decoded on the device (3xHxW)."""
+    return field.shape[:2] if isinstance(field, np.ndarray) else tuple(field.shape[1:])
 
 
 def submit(engine: Engine, images: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:

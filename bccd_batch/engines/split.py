@@ -32,7 +32,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from ..model import arrays_to_tuples, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
-from . import one_ahead
+from . import field_hw, one_ahead
 
 NATIVE_HW = (480, 640)
 
@@ -131,11 +131,15 @@ class SplitDetector:
         self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pool_levels = None
 
-    def upload(self, fields: list[np.ndarray], slot: int = 0) -> torch.Tensor:
-        """Native-size HxWx3 fields -> [B, 3, H, W] uint8 on the device. On CUDA through a pinned
-        host buffer kept per batch size and `slot`: a copy from pageable memory is staged by the
-        driver and blocks the host (4.0 ms of a 32-field batch's copies were pageable, profiled
+    def upload(self, fields: list, slot: int = 0) -> torch.Tensor:
+        """Native-size fields -> [B, 3, H, W] uint8 on the device. Host arrays go on CUDA through a
+        pinned host buffer kept per batch size and `slot`: a copy from pageable memory is staged by
+        the driver and blocks the host (4.0 ms of a 32-field batch's copies were pageable, profiled
         on an H200). The caller makes sure a slot's previous copy has finished (`launch`)."""
+        if not all(isinstance(f, np.ndarray) for f in fields):
+            # Decoded on the device already; a host array among them (padding) goes up alone.
+            return torch.stack([torch.from_numpy(f).to(self.device).permute(2, 0, 1) if isinstance(f, np.ndarray)
+                                else f for f in fields])
         if self.device.type != "cuda":
             return torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2).contiguous()
         key = (len(fields), slot)
@@ -144,7 +148,7 @@ class SplitDetector:
         np.stack(fields, out=self._pinned[key].numpy())
         return self._pinned[key].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
 
-    def launch(self, fields: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:
+    def launch(self, fields: list) -> Callable[[], list[list[tuple]]]:
         """Start a batch of native-size fields; calling the result waits for and returns its
         detections. With the CUDA graph it returns as soon as the work is queued, so the caller
         can stack and upload the next batch while the GPU runs this one (two batches in flight,
@@ -308,12 +312,12 @@ def _to_tuples(packed: torch.Tensor) -> list[list[tuple]]:
     return [arrays_to_tuples(d[:, :4], d[:, 4], d[:, 5]) for d in (d[d[:, 6] > 0] for d in packed.numpy())]
 
 
-def infer_split(detector: SplitDetector, model: FasterRCNN, images: list[np.ndarray], device: torch.device,
+def infer_split(detector: SplitDetector, model: FasterRCNN, images: list, device: torch.device,
                 batch_size: int) -> list[list[tuple]]:
-    """Native-size images through the split model in batches, the next one launched before the
+    """Native-size fields through the split model in batches, the next one launched before the
     last is collected; any other size through the eager model."""
     out: list[list[tuple] | None] = [None] * len(images)
-    native = [i for i, a in enumerate(images) if a.shape[:2] == NATIVE_HW]
+    native = [i for i, a in enumerate(images) if field_hw(a) == NATIVE_HW]
     chunks = (native[k:k + batch_size] for k in range(0, len(native), batch_size))
     launched = ((idx, detector.launch([images[i] for i in idx])) for idx in chunks)
     for idx, dets in one_ahead(launched, lambda item: (item[0], item[1]())):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..model import load_model
-from . import EngineError
+from . import EngineError, field_hw
 from .split import NATIVE_HW, BoxStage, DenseStage, SplitDetector, infer_split
 
 
@@ -65,18 +65,18 @@ class SplitEngine:
         batches of a run (a fresh worker process compiles its graphs anew)."""
         self.submit([np.zeros((*NATIVE_HW, 3), np.uint8)] * self.batch_size)()
 
-    def submit(self, images: list[np.ndarray]) -> Callable[[], list[list[tuple]]]:
+    def submit(self, images: list) -> Callable[[], list[list[tuple]]]:
         """A full batch of native fields is launched and returned at once (see
         SplitDetector.launch); anything else is inferred before this returns."""
-        if len(images) == self.batch_size and all(a.shape[:2] == NATIVE_HW for a in images):
+        if len(images) == self.batch_size and all(field_hw(a) == NATIVE_HW for a in images):
             return self.detector.launch(images)
         dets = self.infer(images)
         return lambda: dets
 
-    def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
+    def infer(self, images: list) -> list[list[tuple]]:
         # Pad to the static batch with blank native-size fields; their detections are dropped.
         n = len(images)
-        native = sum(1 for a in images if a.shape[:2] == NATIVE_HW)
+        native = sum(1 for a in images if field_hw(a) == NATIVE_HW)
         pad = (-native) % self.batch_size
         blank = np.zeros((*NATIVE_HW, 3), np.uint8)
         return infer_split(self.detector, self.model, list(images) + [blank] * pad, self.dev, self.batch_size)[:n]
