@@ -60,23 +60,23 @@ _ORIENTATION = 0x0112
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 
-def device_decodable(data: bytes) -> tuple[int, int] | None:
-    """(height, width) if nvJPEG decodes `data` as `decode_bytes` would: a complete baseline JPEG in
-    three colour channels, no EXIF turn, within the size limits. None sends the file to
-    `decode_bytes`, which also gives the reason when a file is bad. Reads only the headers (38 us
-    per BCCD field on an H100 host, against 2.6 ms for a full decode)."""
+def device_decodable(data: bytes) -> bool:
+    """Whether nvJPEG decodes `data` as `decode_bytes` would: a complete baseline JPEG in three
+    colour channels, no EXIF turn, within the size limits. Anything else goes to `decode_bytes`,
+    which also gives the reason when a file is bad. Reads only the headers (38 us per BCCD field on
+    an H100 host, against 2.6 ms for a full decode)."""
     if not data.endswith(_EOI):
-        return None
+        return False
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG" or im.mode != "RGB" or "progressive" in im.info or "progression" in im.info:
-                return None
+                return False
             if "exif" in im.info and im.getexif().get(_ORIENTATION, 1) != 1:
-                return None
+                return False
             w, h = im.size
     except Exception:       # whatever Pillow makes of it, decode_bytes will say it properly
-        return None
-    return (h, w) if 2 <= w and 2 <= h and w * h <= MAX_PIXELS else None
+        return False
+    return 2 <= w and 2 <= h and w * h <= MAX_PIXELS
 
 
 def decode_on_device(datas: list[bytes], device) -> list:

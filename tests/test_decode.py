@@ -80,15 +80,15 @@ def test_only_complete_plain_jpegs_are_left_for_nvjpeg():
     seen on an H100), so anything but a complete baseline colour JPEG goes to decode_bytes."""
     jpg = bccd_image("BloodImage_00000").read_bytes()
     rgb = Image.open(io.BytesIO(jpg))
-    assert device_decodable(jpg) == (480, 640)
-    assert device_decodable(encode(rgb, "JPEG", exif=_exif(1))) == (480, 640)
+    assert device_decodable(jpg)
+    assert device_decodable(encode(rgb, "JPEG", exif=_exif(1)))
     huge = bytearray(jpg)
     i = huge.index(b"\xff\xc0")        # baseline start-of-frame: length(2) precision(1) height(2) width(2)
     huge[i + 5:i + 9] = (30000).to_bytes(2, "big") * 2
     for data in (jpg[:20000], jpg + b"garbage", encode(rgb, "JPEG", progressive=True), encode(rgb, "JPEG", exif=_exif(6)),
                  encode(rgb.convert("L"), "JPEG"), encode(rgb.convert("CMYK"), "JPEG"), encode(rgb, "PNG"),
                  bytes(huge), b"", b"\xff\xd9"):
-        assert device_decodable(data) is None
+        assert not device_decodable(data)
 
 
 def test_batch_decode_gives_the_fields_decode_bytes_gives():
