@@ -168,12 +168,17 @@ def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool, on_d
             return p
     if on_device and device_decodable(data):
         p.encoded = data
-        return p
+    else:
+        _decode_on_host(p, data)
+    return p
+
+
+def _decode_on_host(p: _Prepared, data: bytes) -> None:
+    """`data` decoded by Pillow into `p.array`, or the reason it cannot be into `p.error`."""
     try:
         p.array = decode_bytes(data)
     except DecodeError as e:
         p.error = str(e)
-    return p
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
@@ -255,10 +260,7 @@ def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], tim
         timings["fields_decoded_on_device"] += len(waiting)
     except RuntimeError:
         for p in waiting:
-            try:
-                p.array = decode_bytes(p.encoded)
-            except DecodeError as e:
-                p.error = str(e)
+            _decode_on_host(p, p.encoded)
     for p in waiting:
         p.encoded = None
     timings["device_decode_seconds"] += time.monotonic() - t
