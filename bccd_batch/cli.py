@@ -112,38 +112,41 @@ def train(
                            log=lambda m: typer.echo(m, err=True))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if export:
-        export_weights(out / "best.pt", export, data=str(data), train_split=train_split, val_split=val_split)
+        export_weights([out / "best.pt"], export, data=str(data), train_split=train_split, val_split=val_split)
 
 
 @app.command("export-weights", rich_help_panel="Model")
 def export_weights(
-    checkpoint: Path = typer.Argument(..., help="best.pt or last.pt from `bccd-batch train`."),
+    checkpoints: list[Path] = typer.Argument(..., help="best.pt or last.pt from `bccd-batch train`, or model folders; several are averaged (a uniform model soup)."),
     out: Path = typer.Option(Path("engines"), help="Folder for model.safetensors and model.json."),
     data: str = typer.Option("BCCD train split", help="Training data, recorded in the card."),
     train_split: str = typer.Option("train"),
     val_split: Optional[str] = typer.Option("val"),
 ) -> None:
-    """Write fp16 safetensors weights and a model card from a training checkpoint."""
+    """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
+    average of several runs fine-tuned from one model (`train --init`)."""
     import torch
 
-    from .model import ModelConfig, build_model, save_model
+    from .model import ModelError, build_model, save_model
+    from .train import averaged_weights
 
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
+    try:
+        cfg, state = averaged_weights(checkpoints)
+    except (ModelError, ValueError, OSError) as e:
+        raise _fail(str(e))
     model = build_model(cfg)
-    state = ck["ema"] if "ema" in ck else ck["model"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
     model.load_state_dict(state)
-    history = None
-    hist_path = checkpoint.parent / "history.json"
-    if hist_path.is_file():
-        history = json.loads(hist_path.read_text())
-    card = save_model(model, cfg, out, {
-        "training": {"data": data, "train_split": train_split, "val_split": val_split,
-                     "from_scratch": True, "epoch": ck.get("epoch"),
-                     "epochs_run": history[-1]["epoch"] if history else None},
-        "metrics": {"val_during_training": ck.get("val", {})},
-    })
+    training = {"data": data, "train_split": train_split, "val_split": val_split, "from_scratch": True}
+    if len(checkpoints) == 1 and checkpoints[0].is_file():
+        ck = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+        hist_path = checkpoints[0].parent / "history.json"
+        history = json.loads(hist_path.read_text()) if hist_path.is_file() else None
+        training.update(epoch=ck.get("epoch"), epochs_run=history[-1]["epoch"] if history else None)
+        metrics = {"val_during_training": ck.get("val", {})}
+    else:
+        training["averaged_weights_of"] = [str(c) for c in checkpoints]
+        metrics = {}
+    card = save_model(model, cfg, out, {"training": training, "metrics": metrics})
     typer.echo(f"wrote {out / card['weights']['file']} (sha256 {card['weights']['sha256'][:16]}…) and {out / 'model.json'}")
 
 

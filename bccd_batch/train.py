@@ -142,6 +142,36 @@ def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict
     return coco
 
 
+def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The architecture and weights of a training checkpoint (its EMA where it has one, as
+    last.pt does; best.pt holds the EMA already) or of a model folder such as engines/."""
+    path = Path(path)
+    if path.is_dir():
+        model, card = load_model(path)
+        return ModelConfig.from_dict(card["architecture"]), model.state_dict()
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    state = ck["ema"] if "ema" in ck else ck["model"]
+    return (ModelConfig.from_dict(json.loads(ck["model_config"])),
+            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+
+
+def averaged_weights(paths: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A uniform "model soup" (Wortsman et al., 2022): the mean of the weights of runs fine-tuned
+    from one starting point, which stay in one basin, so their average is a model of its own and
+    costs nothing extra at inference. BatchNorm statistics are averaged like the weights; integer
+    buffers (BatchNorm's step counts) are the first ingredient's."""
+    cfg, total = checkpoint_weights(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in total.items()}
+    for path in paths[1:]:
+        other_cfg, state = checkpoint_weights(path)
+        if other_cfg != cfg:
+            raise ValueError(f"{path}: architecture differs from {paths[0]}'s, cannot average their weights")
+        for k, v in state.items():
+            if v.is_floating_point():
+                total[k] += v.double()
+    return cfg, {k: (v / len(paths)).float() if v.is_floating_point() else v for k, v in total.items()}
+
+
 def _summary_writer(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter

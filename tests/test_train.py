@@ -32,7 +32,7 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
 
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 8 and ck["step"] == 8
-    export_weights(tmp_path / "run" / "best.pt", tmp_path / "model", data="two BCCD images", train_split="two",
+    export_weights([tmp_path / "run" / "best.pt"], tmp_path / "model", data="two BCCD images", train_split="two",
                    val_split="two")
     model, card = load_model(tmp_path / "model")
     assert card["training"]["data"] == "two BCCD images"
@@ -50,6 +50,33 @@ def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
     assert summary["history"][0]["loss"] < 1.2, summary["history"]
     saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
+
+
+def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, bccd, labels):
+    """export-weights with several ingredients writes their mean (a model soup) and refuses
+    ingredients of different architectures."""
+    import typer
+
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=0.01, warmup_iters=1, workers=0, eval_every=8, amp=False)
+    train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
+          log=lambda m: None)
+    export_weights([MODEL, tmp_path / "run" / "last.pt"], tmp_path / "soup", data="two", train_split="two", val_split=None)
+
+    start, _ = load_model(MODEL)
+    tuned = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
+    soup, card = load_model(tmp_path / "soup")
+    name = "roi_heads.box_predictor.cls_score.weight"   # a matrix: stored in fp16
+    mean = (start.state_dict()[name] + tuned["module." + name]) / 2
+    assert not torch.equal(start.state_dict()[name], tuned["module." + name])
+    torch.testing.assert_close(soup.state_dict()[name], mean.half().float())
+    assert card["training"]["averaged_weights_of"] == [str(MODEL), str(tmp_path / "run" / "last.pt")]
+
+    other = tmp_path / "other"
+    train(labels, bccd / "JPEGImages", None, None, other, TrainConfig(epochs=1, batch_size=2, workers=0, amp=False),
+          ModelConfig(), "cpu", max_steps=1, log=lambda m: None)
+    with pytest.raises(typer.Exit):
+        export_weights([MODEL, other / "last.pt"], tmp_path / "bad", data="two", train_split="two", val_split=None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, bccd, labels):
