@@ -21,6 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .engines import names_gpu
+
 CONTROL = "nvidia-cuda-mps-control"
 DEFAULT_PIPE_DIR = Path("/tmp/nvidia-mps")     # where a system-wide daemon listens by default
 
@@ -29,7 +31,7 @@ def wanted(devices: list[str]) -> bool:
     """MPS helps only where two or more worker processes share one GPU (`devices`: one entry per worker)."""
     import torch
 
-    gpus = [d for d in devices if d.startswith("cuda") or d == "auto"]
+    gpus = [d for d in devices if names_gpu(d)]
     return len(gpus) > len(set(gpus)) and torch.cuda.is_available()
 
 

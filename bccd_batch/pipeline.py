@@ -37,7 +37,7 @@ import numpy as np
 from . import __version__
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile, discover
-from .engines import EngineError, field_hw, one_ahead, select_engine, submit
+from .engines import EngineError, field_hw, names_gpu, one_ahead, select_engine, submit
 from .model import ModelError, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, write_run_files
@@ -300,7 +300,7 @@ def worker_devices(devices: list[str], per_device: int | None = None) -> list[st
     if per_device is None:
         import torch
 
-        gpus = torch.cuda.is_available() and all(d == "auto" or d.startswith("cuda") for d in devices)
+        gpus = torch.cuda.is_available() and all(names_gpu(d) for d in devices)
         per_device = 3 if gpus else 1
     return [d for d in devices for _ in range(per_device)]
 

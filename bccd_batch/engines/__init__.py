@@ -23,6 +23,12 @@ class Engine(Protocol):
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]: ...
 
 
+def names_gpu(device: str) -> bool:
+    """Whether a device entry (`--device`, one per worker process) asks for a GPU; "auto" does,
+    where one is present, so callers still check that CUDA is available."""
+    return device == "auto" or device.startswith("cuda")
+
+
 def field_hw(field) -> tuple[int, int]:
     """(height, width) of a field, on the host (HxWx3) or decoded on the device (3xHxW)."""
     return field.shape[:2] if isinstance(field, np.ndarray) else tuple(field.shape[1:])
