@@ -204,11 +204,16 @@ def set_inference_size(model: FasterRCNN, cfg: ModelConfig) -> None:
     model.transform.min_size = cfg.train_min_sizes if model.training else (cfg.test_min_size,)
 
 
+def field_to_device(field: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A field as a 3xHxW uint8 tensor on `device`: an HxWx3 host array is copied there, a field
+    nvJPEG decoded there is kept."""
+    return field.to(device) if isinstance(field, torch.Tensor) else torch.from_numpy(field).to(device).permute(2, 0, 1)
+
+
 def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """An HxWx3 uint8 field (or a 3xHxW one decoded on the device) as the float CHW tensor in
     [0, 1] that the eager model takes."""
-    chw = image.to(device) if isinstance(image, torch.Tensor) else torch.from_numpy(image).to(device).permute(2, 0, 1)
-    return chw.float().div_(255)
+    return field_to_device(image, device).float().div_(255)
 
 
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:

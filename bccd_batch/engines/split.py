@@ -30,7 +30,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.poolers import _setup_scales
 
-from ..model import arrays_to_tuples, detections_to_tuples, image_to_input
+from ..model import arrays_to_tuples, detections_to_tuples, field_to_device, image_to_input
 from ..nms import greedy_nms_keep, select_padded
 from . import field_hw, one_ahead
 
@@ -138,8 +138,7 @@ class SplitDetector:
         on an H200). The caller makes sure a slot's previous copy has finished (`launch`)."""
         if not all(isinstance(f, np.ndarray) for f in fields):
             # Decoded on the device already; a host array among them (padding) goes up alone.
-            return torch.stack([torch.from_numpy(f).to(self.device).permute(2, 0, 1) if isinstance(f, np.ndarray)
-                                else f for f in fields])
+            return torch.stack([field_to_device(f, self.device) for f in fields])
         if self.device.type != "cuda":
             return torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2).contiguous()
         key = (len(fields), slot)
