@@ -125,24 +125,25 @@ def export_weights(
 ) -> None:
     """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
     average of several runs fine-tuned from one model (`train --init`)."""
-    import torch
-
     from .model import ModelError, build_model, save_model
-    from .train import averaged_weights
+    from .train import averaged_weights, checkpoint_weights
 
+    one_checkpoint = len(checkpoints) == 1 and checkpoints[0].is_file()
     try:
-        cfg, state = averaged_weights(checkpoints)
+        if one_checkpoint:
+            cfg, state, record = checkpoint_weights(checkpoints[0])
+        else:
+            cfg, state = averaged_weights(checkpoints)
     except (ModelError, ValueError, OSError) as e:
         raise _fail(str(e))
     model = build_model(cfg)
     model.load_state_dict(state)
     training = {"data": data, "train_split": train_split, "val_split": val_split, "from_scratch": True}
-    if len(checkpoints) == 1 and checkpoints[0].is_file():
-        ck = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    if one_checkpoint:
         hist_path = checkpoints[0].parent / "history.json"
         history = json.loads(hist_path.read_text()) if hist_path.is_file() else None
-        training.update(epoch=ck.get("epoch"), epochs_run=history[-1]["epoch"] if history else None)
-        metrics = {"val_during_training": ck.get("val", {})}
+        training.update(epoch=record["epoch"], epochs_run=history[-1]["epoch"] if history else None)
+        metrics = {"val_during_training": record["val"]}
     else:
         training["averaged_weights_of"] = [str(c) for c in checkpoints]
         metrics = {}

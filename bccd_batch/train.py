@@ -142,17 +142,19 @@ def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict
     return coco
 
 
-def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """The architecture and weights of a training checkpoint (its EMA where it has one, as
-    last.pt does; best.pt holds the EMA already) or of a model folder such as engines/."""
+    last.pt does; best.pt holds the EMA already) or of a model folder such as engines/, and what
+    a checkpoint records of its run (epoch, val metrics; nothing for a folder)."""
     path = Path(path)
     if path.is_dir():
         model, card = load_model(path)
-        return ModelConfig.from_dict(card["architecture"]), model.state_dict()
+        return ModelConfig.from_dict(card["architecture"]), model.state_dict(), {}
     ck = torch.load(path, map_location="cpu", weights_only=True)
     state = ck["ema"] if "ema" in ck else ck["model"]
     return (ModelConfig.from_dict(json.loads(ck["model_config"])),
-            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"},
+            {"epoch": ck.get("epoch"), "val": ck.get("val", {})})
 
 
 def averaged_weights(paths: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -160,10 +162,10 @@ def averaged_weights(paths: list[Path]) -> tuple[ModelConfig, dict[str, torch.Te
     from one starting point, which stay in one basin, so their average is a model of its own and
     costs nothing extra at inference. BatchNorm statistics are averaged like the weights; integer
     buffers (BatchNorm's step counts) are the first ingredient's."""
-    cfg, total = checkpoint_weights(paths[0])
+    cfg, total, _ = checkpoint_weights(paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in total.items()}
     for path in paths[1:]:
-        other_cfg, state = checkpoint_weights(path)
+        other_cfg, state, _ = checkpoint_weights(path)
         if other_cfg != cfg:
             raise ValueError(f"{path}: architecture differs from {paths[0]}'s, cannot average their weights")
         for k, v in state.items():
