@@ -81,6 +81,8 @@ def build_context(store: Store, run_name: str) -> dict:
     metrics = store.metrics(run["id"])
     per_image = (metrics or {}).get("matching", {}).get("per_image", {})
     gt = (metrics or {}).get("ground_truth", {})
+    # Metrics stored before label gaps were scored have none.
+    label_gaps = (metrics or {}).get("label_gaps")
 
     slides = []
     for name, s in sorted(data["slides"].items()):
@@ -113,7 +115,8 @@ def build_context(store: Store, run_name: str) -> dict:
                 "thumb": thumb, "full": full, "counts": data["counts"][r["rel"]],
                 "pred": _boxes(data["detections"][r["rel"]], thr["count"]),
                 "gt": _boxes(gt[r["rel"]]) if r["rel"] in gt else None,
-                "match": per_image.get(r["rel"]), "gt_counts": gt_counts.get(r["rel"])}
+                "match": per_image.get(r["rel"]), "gt_counts": gt_counts.get(r["rel"]),
+                "label_gap": label_gaps["fields"].get(r["rel"]) if label_gaps else None}
         gallery.append(item)
 
     return {
@@ -121,6 +124,7 @@ def build_context(store: Store, run_name: str) -> dict:
         "classes": CLASSES, "colours": CLASS_COLOURS, "slides": slides, "totals": data["totals"],
         "fields": sum(s["fields"] for s in data["slides"].values()), "gallery": gallery,
         "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics,
+        "label_gaps": label_gaps,
         "gallery_limit": GALLERY_LIMIT, "full_size_limit": FULL_SIZE_LIMIT,
         "pr_curves": _pr_paths(metrics) if metrics else {},
     }

@@ -165,6 +165,32 @@ class MatchEvaluator:
                 "confusion": self._confusion, "per_image": self._per_image}
 
 
+class LabelGapEvaluator:
+    """Fields whose labels have no box of a class the model finds there with high confidence.
+
+    BCCD's labels leave whole classes out of some fields (4 of its 87 val fields have no RBC label,
+    yet every smear field is full of red cells), and every detection there is scored as a false
+    positive. Listing those fields tells a reader which of the errors above are the labels', and
+    which fields to re-annotate; the scores themselves stay on the labels as given."""
+
+    def __init__(self, score: float = 0.9) -> None:
+        self.score = score
+        self.reset()
+
+    def reset(self) -> None:
+        self._fields: dict[str, dict[str, int]] = {}
+
+    def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
+        labelled = {b[0] for b in gt["boxes"]}
+        found = {c: sum(1 for p in preds if p[0] == c and p[1] >= self.score) for c in CLASSES if c not in labelled}
+        if any(found.values()):
+            self._fields[key] = {c: n for c, n in found.items() if n}
+
+    def evaluate(self) -> dict:
+        return {"score": self.score, "fields": self._fields,
+                "per_class": {c: sum(1 for f in self._fields.values() if c in f) for c in CLASSES}}
+
+
 def evaluate_all(evaluators: list, gt: dict[str, dict], preds: dict[str, list[tuple]]) -> list[dict]:
     for ev in evaluators:
         ev.reset()
@@ -228,14 +254,14 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
                 row = next(r for r in data["images"] if r["rel"] == rel)
                 gt[rel] = {**rec, "width": row["width"], "height": row["height"]}
         preds = {rel: data["detections"][rel] for rel in gt}
-        coco, counting, matching = evaluate_all(
-            [COCOEvaluator(), CountEvaluator(threshold), MatchEvaluator(threshold)], gt, preds)
+        coco, counting, matching, label_gaps = evaluate_all(
+            [COCOEvaluator(), CountEvaluator(threshold), MatchEvaluator(threshold), LabelGapEvaluator()], gt, preds)
         metrics = {
             "run": run_name, "labels": str(labels_path), "n_images_scored": len(gt),
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),
             "labels_without_image": sorted(set(labels.records) - set(matched.values())),
             "label_warnings": labels.warnings, "label_counts": labels.counts(),
-            "coco": coco, "counting": counting, "matching": matching,
+            "coco": coco, "counting": counting, "matching": matching, "label_gaps": label_gaps,
             # Kept so the report can draw ground truth beside the predictions.
             "ground_truth": {rel: rec["boxes"] for rel, rec in gt.items()},
         }

@@ -42,6 +42,8 @@ def test_report_is_self_contained_and_escapes_names(hostile_run):
     assert "<script>alert(2)" not in html and "&lt;script&gt;alert(2)&lt;/script&gt;" in html
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", html, re.I)
     assert "plain/broken.png" in html   # the errors section lists it
+    # Its labels name only the WBC of BloodImage_00000 and one RBC of BloodImage_00001.
+    assert "labels may omit RBC" in html and "labels may omit WBC" in html
     index = (hostile_run / "index.html").read_text()
     assert "report.html" in index
 

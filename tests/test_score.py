@@ -50,3 +50,15 @@ def test_match_counts_and_confusion():
     assert m["per_image"]["b.jpg"] == {"TP": 2, "FP": 1, "FN": 0, "F1": 0.8}
     conf = m["confusion"]   # rows GT RBC, WBC, Platelets, background; columns predictions
     assert conf[1] == [1, 0, 0, 0] and conf[0][0] == 2 and conf[3] == [0, 0, 1, 0]
+
+
+def test_label_gaps_name_classes_the_labels_leave_out_of_a_field():
+    from bccd_batch.score import LabelGapEvaluator
+
+    preds = as_preds(GT)
+    preds["a.jpg"] += [("Platelets", 0.95, 0, 0, 30, 30), ("Platelets", 0.91, 50, 0, 80, 30),
+                       ("Platelets", 0.5, 90, 0, 120, 30)]   # below the gap score: not counted
+    preds["b.jpg"].append(("RBC", 0.99, 300, 300, 400, 400))   # b.jpg has RBC labels: an FP, not a gap
+    gaps, = evaluate_all([LabelGapEvaluator(0.9)], GT, preds)
+    assert gaps["fields"] == {"a.jpg": {"Platelets": 2}}
+    assert gaps["per_class"] == {"RBC": 0, "WBC": 0, "Platelets": 1}
