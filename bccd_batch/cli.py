@@ -218,7 +218,9 @@ def _score_run(out: Path, run_name: str, labels: Path) -> dict:
 
     metrics = score_run(out, run_name, labels)
     s = metrics["coco"]["stats"]
-    typer.echo(f"scored {metrics['n_images_scored']} labelled images: AP {s['AP']:.3f}, AP50 {s['AP50']:.3f}", err=True)
+    gaps = len(metrics["label_gaps"]["fields"])
+    typer.echo(f"scored {metrics['n_images_scored']} labelled images: AP {s['AP']:.3f}, AP50 {s['AP50']:.3f}"
+               + (f"; {gaps} whose labels may omit a class (the report names them)" if gaps else ""), err=True)
     return metrics
 
 
