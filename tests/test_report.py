@@ -1,12 +1,13 @@
 """The HTML report: escaping, self-containment, and a real headless Chromium loading it."""
 
 import csv
+import json
 import re
 import shutil
 
 import pytest
 
-from conftest import bccd_image, cli
+from conftest import MODEL, bccd_image, cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.jpg"
@@ -46,6 +47,14 @@ def test_report_is_self_contained_and_escapes_names(hostile_run):
     assert "labels may omit RBC" in html and "labels may omit WBC" in html
     index = (hostile_run / "index.html").read_text()
     assert "report.html" in index
+
+
+def test_report_describes_the_model_that_ran(hostile_run):
+    run = json.loads((hostile_run / "latest" / "run.json").read_text())
+    card = json.loads((MODEL / "model.json").read_text())
+    assert run["model"]["backbone"] == card["architecture"]["backbone"]
+    html = (hostile_run / "latest" / "report.html").read_text()
+    assert f"({card['architecture']['backbone']} FPN, fields resized to a {card['architecture']['test_min_size']}-pixel" in html
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs Debian's chromium)")
@@ -110,7 +119,6 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     """metrics.json must agree with an independent pycocotools evaluation of detections.csv."""
     import contextlib
     import io
-    import json
 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
