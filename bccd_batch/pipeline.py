@@ -635,7 +635,7 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
             "finished_utc": _utc_now().isoformat(timespec="seconds"),
             "model": {"name": card.get("name"), "sha256": model_sha, "thresholds": thresholds,
                       "backbone": card["architecture"]["backbone"], "input_size": card["architecture"]["test_min_size"],
-                      "training_fields": card.get("training", {}).get("data")},
+                      "training_data": card.get("training", {}).get("data")},
             "engine": inference.name, "device": inference.device, "device_name": inference.device_name, "mps": mps,
             "batch_size": opts.batch_size, "decode_threads_per_worker": opts.decode_workers, "full": opts.full,
             "gpu_decode": opts.gpu_decode, "fields_decoded_on_gpu": decoded_on_gpu,
