@@ -172,7 +172,7 @@ class LabelGapEvaluator:
     yet every smear field is full of red cells), and every detection there is scored as a false
     positive. Listing those fields tells a reader which of the errors above are the labels', and
     which fields to re-annotate; the scores themselves stay on the labels as given. At the default
-    0.9 the highest-scoring such detections on val are, by eye, all cells of the class named."""
+    0.9 the highest-scoring such detections on val are, by eye, (nearly) all cells of the class named."""
 
     def __init__(self, score: float = 0.9) -> None:
         self.score = score
