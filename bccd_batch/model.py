@@ -216,6 +216,15 @@ def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> to
     return field_to_device(image, device).float().div_(255)
 
 
+def class_counts(dets: list[tuple], threshold: float) -> dict[str, int]:
+    """A field's cells per class: its (class, score, ...) detections scoring >= `threshold`."""
+    counts = dict.fromkeys(CLASSES, 0)
+    for d in dets:
+        if d[1] >= threshold:
+            counts[d[0]] += 1
+    return counts
+
+
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
     """torchvision's output dict -> [(cls, score, x0, y0, x1, y1)], rounded to what the CSVs keep."""
     return arrays_to_tuples(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy(), d["labels"].cpu().numpy())

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from .model import CLASSES
+from .model import CLASSES, class_counts
 from .store import unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
@@ -44,8 +44,7 @@ def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
     """Everything the run's files and report show, read once from the store."""
     images = store.run_images(run_id, root)
     dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
-    counts = {rel: {c: sum(1 for d in ds if d[0] == c and d[1] >= count_threshold) for c in CLASSES}
-              for rel, ds in dets.items()}
+    counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
     slides: dict[str, dict] = {}
     for r in images:
         s = slides.setdefault(r["slide"], {"slide": r["slide"], "fields": 0, "unreadable": 0, **dict.fromkeys(CLASSES, 0)})

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .model import CLASSES
+from .model import CLASSES, class_counts
 
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
                    "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large"]
@@ -93,10 +93,10 @@ class CountEvaluator:
         self._diffs: dict[str, list[int]] = {c: [] for c in CLASSES}
 
     def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
+        n_pred = class_counts(preds, self.threshold)
         for cls in CLASSES:
             n_gt = sum(1 for b in gt["boxes"] if b[0] == cls)
-            n_pred = sum(1 for p in preds if p[0] == cls and p[1] >= self.threshold)
-            self._diffs[cls].append(n_pred - n_gt)
+            self._diffs[cls].append(n_pred[cls] - n_gt)
 
     def evaluate(self) -> dict:
         out = {}
@@ -183,9 +183,9 @@ class LabelGapEvaluator:
 
     def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
         labelled = {b[0] for b in gt["boxes"]}
-        found = {c: sum(1 for p in preds if p[0] == c and p[1] >= self.score) for c in CLASSES if c not in labelled}
-        if any(found.values()):
-            self._fields[key] = {c: n for c, n in found.items() if n}
+        found = {c: n for c, n in class_counts(preds, self.score).items() if n and c not in labelled}
+        if found:
+            self._fields[key] = found
 
     def evaluate(self) -> dict:
         return {"score": self.score, "fields": self._fields,
