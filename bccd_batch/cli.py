@@ -163,7 +163,7 @@ def run(
     batch_size: int = typer.Option(8, min=1, help="Images per inference batch."),
     full: bool = typer.Option(False, "--full", help="Reprocess every image, not only new or changed ones."),
     decode_workers: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_DECODE_WORKERS",
-                                                 help="Threads that read, hash and decode images, per worker [default: three quarters of the cores over the workers, 2-8]."),
+                                                 help="Threads that read, hash and decode images, per worker (default: three quarters of the cores shared over the workers, 2 to 8)."),
     workers_per_device: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_WORKERS_PER_DEVICE",
                                                      help="Worker processes per device; default 3 per GPU, 1 on the CPU."),
     precision: str = typer.Option("fp16", envvar="BCCD_BATCH_PRECISION",
