@@ -1,8 +1,9 @@
-// Class toggles: a body class hides that class's boxes everywhere.
+// Class toggles: a body class hides that class's boxes everywhere. Set from each checkbox at load
+// too, since uncertain detections start hidden and a browser may restore a box's earlier state.
 document.querySelectorAll("input[data-toggle]").forEach(function (box) {
-  box.addEventListener("change", function () {
-    document.body.classList.toggle("hide-" + box.dataset.toggle, !box.checked);
-  });
+  function apply() { document.body.classList.toggle("hide-" + box.dataset.toggle, !box.checked); }
+  box.addEventListener("change", apply);
+  apply();
 });
 // Sortable tables: numbers compare as numbers, the rest as text.
 document.querySelectorAll("th.sortable").forEach(function (th) {

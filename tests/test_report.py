@@ -92,6 +92,10 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
         assert page.evaluate(visible) == 0
         page.click("input[data-toggle=RBC]")
         assert page.evaluate(visible) > 0
+        uncertain = "() => [...document.querySelectorAll('rect.u')].filter(e => getComputedStyle(e).display !== 'none').length"
+        assert page.evaluate(uncertain) == 0   # hidden until asked for
+        page.click("input[data-toggle=uncertain]")
+        assert page.evaluate(uncertain) > 0
 
         page.click("#slides-table th:nth-child(2)")   # sorting must not lose rows
         assert len(page.query_selector_all("#slides-table tbody tr")) == len(rows)
@@ -103,6 +107,28 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
 
     stat = ImageStat.Stat(Image.open(shot).convert("L"))
     assert stat.stddev[0] > 10, "screenshot is blank"
+
+
+def test_fields_without_labels_come_most_uncertain_first(tmp_path, slides):
+    """A nightly run has no labels: the gallery (and its 40 large views) must lead with the fields
+    whose counts are least sure, i.e. the most detections just under the count threshold."""
+    out = tmp_path / "out"
+    cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
+    run = out / "latest"
+    threshold = json.loads((run / "run.json").read_text())["model"]["thresholds"]["count"]
+    near = {}
+    with open(run / "detections.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            near.setdefault(r["image"], 0)
+            near[r["image"]] += 0.5 * threshold <= float(r["score"]) < threshold
+    html = (run / "report.html").read_text()
+    cards = re.findall(r'<div class="card" id="card-img\d+">\s*<div class="name">([^<]+)</div>', html)
+    assert cards == sorted(near, key=lambda rel: (-near[rel], rel))
+    assert cards != sorted(cards)   # these five fields' uncertain counts are not in name order
+    for rel in cards:
+        assert re.search(rf'{re.escape(rel)}</div>.*?uncertain {near[rel]}</div>', html, re.S)
+    # ...and draws them, marked apart (each field twice: its card and its large view).
+    assert len(re.findall(r'<rect class="c-\w+ u"', html)) == 2 * sum(near.values())
 
 
 def test_slide_flags_name_their_reason():
