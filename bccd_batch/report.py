@@ -48,13 +48,27 @@ def _data_uri(img: Image.Image, width: int, quality: int) -> str:
 # Near-miss detections (half the count threshold up to it) per counted cell: 0.41 on BCCD's val
 # fields; a slide at twice that is unlike the training data (stain, focus, magnification).
 UNCERTAIN_RATIO_FLAG = 0.8
+# Every one of BCCD's 292 fields has 4 or more RBCs counted; a blank field, one over- or
+# under-exposed, or one blurred past use (Gaussian radius 8 px) gave 0-2, and its counts are wrong.
+FIELD_MIN_RBC = 3
 
 
-def slide_flags(slide: dict, uncertain_ratio: float) -> list[tuple[str, str]]:
-    """(flag, reason) pairs a hematologist should look at before trusting the slide's numbers."""
+def field_flags(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """(flag, reason) pairs for one field whose counts should not be trusted unseen."""
+    if counts["RBC"] < FIELD_MIN_RBC:
+        return [("few cells", f"{counts['RBC']} RBC counted (< {FIELD_MIN_RBC}; every BCCD field has 4 or more): "
+                              "blank, out of focus, badly exposed or off the smear?")]
+    return []
+
+
+def slide_flags(slide: dict, uncertain_ratio: float, flagged_fields: int = 0) -> list[tuple[str, str]]:
+    """(flag, reason) pairs a hematologist should look at before trusting the slide's numbers;
+    `flagged_fields`: how many of its fields have `field_flags`."""
     flags = []
     if slide["unreadable"]:
         flags.append(("unreadable fields", f"{slide['unreadable']} field image(s) could not be read; see Errors"))
+    if flagged_fields:
+        flags.append(("flagged fields", f"{flagged_fields} field(s) with too few cells to count (badged in Fields)"))
     if slide["fields"] and slide["WBC"] == 0:
         flags.append(("no WBC", "no white cell found in any field of this slide"))
     if slide["fields"] and slide["RBC_per_field"] < 5:
@@ -95,22 +109,24 @@ def build_context(store: Store, run_name: str) -> dict:
     label_gaps = (metrics or {}).get("label_gaps")
 
     uncertain = {rel: uncertain_detections(ds, thr["count"]) for rel, ds in data["detections"].items()}
+    flags = {rel: field_flags(c) for rel, c in data["counts"].items()}
     slides = []
     for name, s in sorted(data["slides"].items()):
-        near = sum(uncertain[r["rel"]] for r in data["images"] if r["slide"] == name and r["status"] == "ok")
+        rels = [r["rel"] for r in data["images"] if r["slide"] == name and r["status"] == "ok"]
         counted = sum(s[c] for c in CLASSES)
-        slides.append({**s, "flags": slide_flags(s, near / counted if counted else 0.0)})
+        near = sum(uncertain[r] for r in rels)
+        slides.append({**s, "flags": slide_flags(s, near / counted if counted else 0.0, sum(1 for r in rels if flags[r]))})
 
     gt_counts = {rel: {c: sum(1 for b in boxes if b[0] == c) for c in CLASSES} for rel, boxes in gt.items()}
 
     def badness(r):
         """Labelled fields by how badly they agree with their labels; the rest (a nightly run's fields
-        have no labels) by uncertain detections, so the pictures and the 40 large views go to the
-        fields whose counts most need a look."""
+        have no labels) flagged ones first, then by uncertain detections, so the pictures and the 40
+        large views go to the fields whose counts most need a look."""
         if r["rel"] in per_image:
             err = sum(abs(data["counts"][r["rel"]][c] - gt_counts[r["rel"]][c]) for c in CLASSES)
             return (0, per_image[r["rel"]]["F1"], -err, r["rel"])
-        return (1, 0.0, -uncertain[r["rel"]], r["rel"])
+        return (1, -len(flags[r["rel"]]), -uncertain[r["rel"]], r["rel"])
 
     ok_rows = sorted((r for r in data["images"] if r["status"] == "ok"), key=badness)
     gallery, skipped_pictures = [], []
@@ -129,6 +145,7 @@ def build_context(store: Store, run_name: str) -> dict:
                 "pred": _boxes(data["detections"][r["rel"]], thr["count"]),
                 "gt": _boxes(gt[r["rel"]]) if r["rel"] in gt else None,
                 "match": per_image.get(r["rel"]), "gt_counts": gt_counts.get(r["rel"]), "uncertain": uncertain[r["rel"]],
+                "flags": flags[r["rel"]],
                 "label_gap": label_gaps["fields"].get(r["rel"]) if label_gaps else None}
         gallery.append(item)
 

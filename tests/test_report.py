@@ -109,12 +109,18 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
     assert stat.stddev[0] > 10, "screenshot is blank"
 
 
-def test_fields_without_labels_come_most_uncertain_first(tmp_path, slides):
+def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, slides):
     """A nightly run has no labels: the gallery (and its 40 large views) must lead with the fields
-    whose counts are least sure, i.e. the most detections just under the count threshold."""
+    whose counts are least sure: a blank field (no cells to count), then the most detections just
+    under the count threshold."""
+    from PIL import Image
+
+    Image.new("RGB", (640, 480), (236, 230, 240)).save(slides / "slide-B" / "blank.jpg")
     out = tmp_path / "out"
     cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
     run = out / "latest"
+    with open(run / "counts.csv", newline="") as f:
+        assert {r["image"]: int(r["RBC"]) for r in csv.DictReader(f)}["slide-B/blank.jpg"] == 0
     threshold = json.loads((run / "run.json").read_text())["model"]["thresholds"]["count"]
     near = {}
     with open(run / "detections.csv", newline="") as f:
@@ -122,9 +128,14 @@ def test_fields_without_labels_come_most_uncertain_first(tmp_path, slides):
             near.setdefault(r["image"], 0)
             near[r["image"]] += 0.5 * threshold <= float(r["score"]) < threshold
     html = (run / "report.html").read_text()
+    near.setdefault("slide-B/blank.jpg", 0)   # it may have no detection at all
     cards = re.findall(r'<div class="card" id="card-img\d+">\s*<div class="name">([^<]+)</div>', html)
-    assert cards == sorted(near, key=lambda rel: (-near[rel], rel))
-    assert cards != sorted(cards)   # these five fields' uncertain counts are not in name order
+    assert cards[0] == "slide-B/blank.jpg"
+    assert re.search(r'blank.jpg</div>.*?<span class="flag" title="0 RBC counted[^"]*">few cells</span>', html, re.S)
+    assert cards[1:] == sorted((r for r in near if r != cards[0]), key=lambda rel: (-near[rel], rel))
+    assert cards[1:] != sorted(cards[1:])   # these five fields' uncertain counts are not in name order
+    assert 'title="1 field(s) with too few cells to count' in html   # slide-B's flag; slide-A has none
+    assert html.count("field(s) with too few cells to count") == 1
     for rel in cards:
         assert re.search(rf'{re.escape(rel)}</div>.*?uncertain {near[rel]}</div>', html, re.S)
     # ...and draws them, marked apart (each field twice: its card and its large view).
@@ -137,8 +148,8 @@ def test_slide_flags_name_their_reason():
     healthy = {"fields": 5, "unreadable": 0, "RBC": 60, "WBC": 5, "Platelets": 6, "RBC_per_field": 12.0}
     assert slide_flags(healthy, 0.41) == []
     bad = {**healthy, "unreadable": 2, "WBC": 0, "RBC_per_field": 1.5}
-    names = [f for f, _ in slide_flags(bad, 1.2)]
-    assert names == ["unreadable fields", "no WBC", "few cells", "low confidence"]
+    names = [f for f, _ in slide_flags(bad, 1.2, flagged_fields=1)]
+    assert names == ["unreadable fields", "flagged fields", "no WBC", "few cells", "low confidence"]
 
 
 def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
