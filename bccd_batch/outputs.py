@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 from .model import CLASSES, class_counts
+from .quality import field_flags
 from .store import unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
-COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES]
+COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, "focus", "brightness", "flags"]
 SLIDE_COLUMNS = ["slide", "fields", "unreadable", *CLASSES, *(f"{c}_per_field" for c in CLASSES), "WBC_per_1000_RBC"]
 ERROR_COLUMNS = ["image", "reason"]
 
@@ -40,11 +41,16 @@ def _csv_text(columns: list[str], rows) -> str:
     return buf.getvalue()
 
 
+def _blank_none(v):
+    return "" if v is None else v
+
+
 def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
     """Everything the run's files and report show, read once from the store."""
     images = store.run_images(run_id, root)
     dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
     counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
+    flags = {r["rel"]: field_flags(counts[r["rel"]], r["focus"], r["brightness"]) for r in images if r["status"] == "ok"}
     slides: dict[str, dict] = {}
     for r in images:
         s = slides.setdefault(r["slide"], {"slide": r["slide"], "fields": 0, "unreadable": 0, **dict.fromkeys(CLASSES, 0)})
@@ -59,7 +65,7 @@ def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
             s[f"{c}_per_field"] = round(s[c] / s["fields"], 2) if s["fields"] else 0.0
         s["WBC_per_1000_RBC"] = round(1000 * s["WBC"] / s["RBC"], 2) if s["RBC"] else None
     totals = {c: sum(s[c] for s in slides.values()) for c in CLASSES}
-    return {"images": images, "detections": dets, "counts": counts, "slides": slides, "totals": totals,
+    return {"images": images, "detections": dets, "counts": counts, "flags": flags, "slides": slides, "totals": totals,
             "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"]}
 
 
@@ -70,9 +76,11 @@ def write_run_files(run_dir: Path, data: dict, info: dict) -> None:
         (r["rel"], r["slide"], r["width"], r["height"], d[0], f"{d[1]:.4f}", *(f"{v:.2f}" for v in d[2:]))
         for r in ok for d in data["detections"][r["rel"]])))
     atomic_write(run_dir / "counts.csv", _csv_text(COUNT_COLUMNS, (
-        (r["rel"], r["slide"], r["width"], r["height"], *(data["counts"][r["rel"]][c] for c in CLASSES)) for r in ok)))
+        (r["rel"], r["slide"], r["width"], r["height"], *(data["counts"][r["rel"]][c] for c in CLASSES),
+         _blank_none(r["focus"]), _blank_none(r["brightness"]), ";".join(f for f, _ in data["flags"][r["rel"]]))
+        for r in ok)))
     atomic_write(run_dir / "slides.csv", _csv_text(SLIDE_COLUMNS, (
-        [s[c] if s[c] is not None else "" for c in SLIDE_COLUMNS] for _, s in sorted(data["slides"].items()))))
+        [_blank_none(s[c]) for c in SLIDE_COLUMNS] for _, s in sorted(data["slides"].items()))))
     atomic_write(run_dir / "errors.csv", _csv_text(ERROR_COLUMNS, data["errors"]))
     atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
@@ -42,6 +43,7 @@ from .model import ModelError, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
+from .quality import measure_device, measure_host
 from .store import STORE_NAME, Store, pack_detections
 
 WORK_LIST = ".work-list"    # OUT/<this>: the running run's work for its workers (`_write_work_list`)
@@ -89,6 +91,7 @@ class _Prepared:
     encoded: bytes | None = None      # a JPEG left for nvJPEG to decode with the rest of its batch
     error: str | None = None
     skip: str | None = None       # "skipped" or "failed" (unchanged and failed before)
+    quality: tuple[float, float] | None = None    # (focus, brightness) of the decoded field: quality.py
 
 
 def acquire_lock(out: Path):
@@ -179,6 +182,8 @@ def _decode_on_host(p: _Prepared, data: bytes) -> None:
         p.array = decode_bytes(data)
     except DecodeError as e:
         p.error = str(e)
+        return
+    p.quality = measure_host(p.array)
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
@@ -270,16 +275,21 @@ def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], tim
 
 def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict):
     batch = _decode_on_device(engine, batch, done, timings)
+    on_device = [p for p in batch if isinstance(p.array, torch.Tensor)]   # nvJPEG's: measured where they are
+    measured = measure_device([p.array for p in on_device]) if on_device else list
     t = time.monotonic()
     collect = submit(engine, [p.array for p in batch]) if batch else list
     timings["inference_seconds"] += time.monotonic() - t
-    return batch, done, collect
+    return batch, done, collect, on_device, measured
 
 
-def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, timings: dict) -> list[tuple]:
+def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, on_device: list[_Prepared], measured,
+                   timings: dict) -> list[tuple]:
     t = time.monotonic()
     dets = collect()
     timings["inference_seconds"] += time.monotonic() - t
+    for p, q in zip(on_device, measured()):
+        p.quality = q
     group = []
     for p, d in zip(batch, dets):
         # Only now is the field let go: a tensor nvJPEG decoded must outlive the batch's GPU work
@@ -298,8 +308,6 @@ def worker_devices(devices: list[str], per_device: int | None = None) -> list[st
     three 2,201, four 2,213. One on the CPU, where torch already spreads one worker over every
     core."""
     if per_device is None:
-        import torch
-
         gpus = torch.cuda.is_available() and all(names_gpu(d) for d in devices)
         per_device = 3 if gpus else 1
     return [d for d in devices for _ in range(per_device)]
@@ -329,8 +337,6 @@ def open_fds() -> int:
 def parse_devices(spec: str) -> list[str]:
     """`cuda:0,cuda:1` -> both; `all` -> every CUDA GPU (the CPU where there is none); else one."""
     if spec == "all":
-        import torch
-
         n = torch.cuda.device_count()
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
     devices = [d.strip() for d in spec.split(",") if d.strip()]
@@ -583,7 +589,8 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
         if dets is None:
             m["error"] = p.error
         else:
-            m.update(width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets)
+            focus, brightness = p.quality or (None, None)
+            m.update(width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, focus=focus, brightness=brightness)
         images.append(m)
     with store.transaction():
         store.record_images(run_id, root, images)

@@ -48,27 +48,17 @@ def _data_uri(img: Image.Image, width: int, quality: int) -> str:
 # Near-miss detections (half the count threshold up to it) per counted cell: 0.41 on BCCD's val
 # fields; a slide at twice that is unlike the training data (stain, focus, magnification).
 UNCERTAIN_RATIO_FLAG = 0.8
-# Every one of BCCD's 292 fields has 4 or more RBCs counted; a blank field, one over- or
-# under-exposed, or one blurred past use (Gaussian radius 8 px) gave 0-2, and its counts are wrong.
-FIELD_MIN_RBC = 3
-
-
-def field_flags(counts: dict[str, int]) -> list[tuple[str, str]]:
-    """(flag, reason) pairs for one field whose counts should not be trusted unseen."""
-    if counts["RBC"] < FIELD_MIN_RBC:
-        return [("few cells", f"{counts['RBC']} RBC counted (< {FIELD_MIN_RBC}; every BCCD field has 4 or more): "
-                              "blank, out of focus, badly exposed or off the smear?")]
-    return []
 
 
 def slide_flags(slide: dict, uncertain_ratio: float, flagged_fields: int = 0) -> list[tuple[str, str]]:
     """(flag, reason) pairs a hematologist should look at before trusting the slide's numbers;
-    `flagged_fields`: how many of its fields have `field_flags`."""
+    `flagged_fields`: how many of its fields have `quality.field_flags`."""
     flags = []
     if slide["unreadable"]:
         flags.append(("unreadable fields", f"{slide['unreadable']} field image(s) could not be read; see Errors"))
     if flagged_fields:
-        flags.append(("flagged fields", f"{flagged_fields} field(s) with too few cells to count (badged in Fields)"))
+        flags.append(("flagged fields", f"{flagged_fields} field(s) blurred, badly exposed or with too few cells "
+                                        "to count (badged in Fields)"))
     if slide["fields"] and slide["WBC"] == 0:
         flags.append(("no WBC", "no white cell found in any field of this slide"))
     if slide["fields"] and slide["RBC_per_field"] < 5:
@@ -109,7 +99,7 @@ def build_context(store: Store, run_name: str) -> dict:
     label_gaps = (metrics or {}).get("label_gaps")
 
     uncertain = {rel: uncertain_detections(ds, thr["count"]) for rel, ds in data["detections"].items()}
-    flags = {rel: field_flags(c) for rel, c in data["counts"].items()}
+    flags = data["flags"]
     slides = []
     for name, s in sorted(data["slides"].items()):
         rels = [r["rel"] for r in data["images"] if r["slide"] == name and r["status"] == "ok"]

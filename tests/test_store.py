@@ -60,16 +60,40 @@ PRAGMA user_version = 2;
 
 
 def _v2_store(path):
+    _id_keyed_store(path, SCHEMA_V2, packed=False)
+
+
+# The layout of store version 3: detections packed into their image's row, no quality measures.
+SCHEMA_V3 = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, started_utc TEXT NOT NULL,
+    finished_utc TEXT, status TEXT NOT NULL, slides_root TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE images (id INTEGER PRIMARY KEY, root TEXT NOT NULL, rel TEXT NOT NULL, slide TEXT NOT NULL,
+    size INTEGER, mtime_ns INTEGER, sha256 TEXT, width INTEGER, height INTEGER, status TEXT NOT NULL, error TEXT,
+    model_sha256 TEXT, run_id INTEGER NOT NULL, detections BLOB, UNIQUE (root, rel));
+CREATE TABLE run_images (run_id INTEGER NOT NULL, rel TEXT NOT NULL, outcome TEXT NOT NULL, PRIMARY KEY (run_id, rel));
+CREATE TABLE metrics (run_id INTEGER PRIMARY KEY, json TEXT NOT NULL);
+PRAGMA user_version = 3;
+"""
+
+
+def _v3_store(path):
+    _id_keyed_store(path, SCHEMA_V3, packed=True)
+
+
+def _id_keyed_store(path, schema: str, packed: bool):
+    """A version 2 store (detections one row each) or a version 3 one (`packed` into the image row)."""
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA_V2)
+    db.executescript(schema)
     db.execute("INSERT INTO runs VALUES (1, 'r1', 't0', 't1', 'finished', ?, '{}')", (ROOT,))
+    column = ",?" if packed else ""     # version 3's detections column
     for image_id, (rel, dets) in enumerate(DETS.items(), start=7):     # ids need not start at 1
-        db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,'ok',NULL,'m',1)",
-                   (image_id, ROOT, rel, rel[0], 10, 20, "h", 640, 480))
-        db.executemany("INSERT INTO detections VALUES (?,?,?,?,?,?,?)", [(image_id, *d) for d in dets])
+        row = (image_id, ROOT, rel, rel[0], 10, 20, "h", 640, 480) + ((pack_detections(dets),) if packed else ())
+        db.execute(f"INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,'ok',NULL,'m',1{column})", row)
+        if not packed:
+            db.executemany("INSERT INTO detections VALUES (?,?,?,?,?,?,?)", [(image_id, *d) for d in dets])
         db.execute("INSERT INTO run_images VALUES (1, ?, 'new')", (rel,))
-    db.execute("INSERT INTO images VALUES (3, ?, 'c/bad.jpg', 'c', 1, 2, 'h', NULL, NULL, 'error', 'empty file', NULL, 1)",
-               (ROOT,))
+    db.execute(f"INSERT INTO images VALUES (3, ?, 'c/bad.jpg', 'c', 1, 2, 'h', NULL, NULL, 'error', 'empty file', NULL, 1"
+               f"{column})", (ROOT,) + ((None,) if packed else ()))
     db.execute("INSERT INTO run_images VALUES (1, 'c/bad.jpg', 'failed')")
     db.commit()
     db.close()
@@ -96,8 +120,9 @@ def test_detections_pack_best_first_and_unpack_to_what_went_in():
     assert unpack_detections(pack_detections([])) == [] and unpack_detections(None) == []
 
 
-# v0 stores get fresh image ids in (root, rel) order; v2 stores keep theirs.
-@pytest.mark.parametrize("old_store, ids", [(_v0_store, [1, 2, 3]), (_v2_store, [7, 8, 3])], ids=["v0", "v2"])
+# v0 stores get fresh image ids in (root, rel) order; v2 and v3 stores keep theirs.
+@pytest.mark.parametrize("old_store, ids", [(_v0_store, [1, 2, 3]), (_v2_store, [7, 8, 3]), (_v3_store, [7, 8, 3])],
+                         ids=["v0", "v2", "v3"])
 def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_store, ids):
     path = tmp_path / "s.sqlite"
     old_store(path)
@@ -108,6 +133,8 @@ def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_
         (ids[0], "a/1.jpg", "ok", "new"), (ids[1], "b/2.jpg", "ok", "new"), (ids[2], "c/bad.jpg", "error", "failed")]
     bad = store.image(ROOT, "c/bad.jpg")
     assert bad["error"] == "empty file" and bad["detections"] is None
+    # Fields measured before quality was: unmeasured, so not judged (quality.field_flags).
+    assert [(r["focus"], r["brightness"]) for r in store.run_images(1, ROOT)] == [(None, None)] * 3
     old_tables = "SELECT name FROM sqlite_master WHERE name LIKE '%v0%' OR name LIKE 'detections%'"
     assert store.db.execute(old_tables).fetchall() == []
     store.close()
@@ -118,9 +145,11 @@ def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_
     with store.transaction():
         store.record_images(2, ROOT, [{"rel": "a/1.jpg", "slide": "a", "size": 11, "mtime_ns": 21, "sha256": "h2",
                                        "width": 640, "height": 480, "model_sha256": "m2",
-                                       "detections": pack_detections([("RBC", 0.5, 0, 0, 9, 9)])}])
+                                       "detections": pack_detections([("RBC", 0.5, 0, 0, 9, 9)]),
+                                       "focus": 21.5, "brightness": 182.25}])
     again = store.image(ROOT, "a/1.jpg")
     assert again["id"] == ids[0] and again["sha256"] == "h2"
+    assert (again["focus"], again["brightness"]) == (21.5, 182.25)
     assert unpack_detections(again["detections"]) == [("RBC", 0.5, 0, 0, 9, 9)]
     assert [(r["rel"], r["outcome"]) for r in store.run_images(2, ROOT)] == [("a/1.jpg", "new")]
     store.close()

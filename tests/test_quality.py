@@ -1,0 +1,95 @@
+"""Per-field quality: the measures and flags on real BCCD fields and on copies made blurred,
+dark or bright, as a scanner out of focus or a lamp out of adjustment would make them."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+from bccd_batch.decode import decode_bytes, decode_file, decode_on_device
+from bccd_batch.quality import field_flags, measure_device, measure_host
+from conftest import FIGURES
+
+HEALTHY = {"RBC": 12, "WBC": 1, "Platelets": 1}
+
+
+def _flags(img: Image.Image, counts=HEALTHY) -> list[str]:
+    return [f for f, _ in field_flags(counts, *measure_host(np.asarray(img)))]
+
+
+def _as_saved(img: Image.Image, quality: int = 95) -> Image.Image:
+    """The copy as a scanner would write it: JPEG compression adds edges of its own."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(buf).convert("RGB")
+
+
+def test_no_bccd_field_is_flagged_for_focus_or_exposure(bccd):
+    flagged = {p.name: _flags(Image.fromarray(decode_file(p))) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))}
+    assert len(flagged) == 292
+    assert {name: f for name, f in flagged.items() if f} == {}
+
+
+@pytest.mark.parametrize("change, quality, expected", [
+    (lambda im: im.filter(ImageFilter.GaussianBlur(2)), 95, ["blurred"]),
+    (lambda im: im.filter(ImageFilter.GaussianBlur(2)), 75, ["blurred"]),
+    (lambda im: im.filter(ImageFilter.GaussianBlur(1)), 95, []),       # counts unchanged at this blur
+    (lambda im: ImageEnhance.Brightness(im).enhance(0.5), 95, ["blurred", "too dark"]),   # little contrast left
+    (lambda im: ImageEnhance.Brightness(im).enhance(0.7), 95, ["too dark"]),
+    (lambda im: ImageEnhance.Brightness(im).enhance(1.35), 95, ["too bright"]),
+], ids=["blur-2px", "blur-2px-q75", "blur-1px", "x0.5", "x0.7", "x1.35"])
+def test_degraded_copies_are_flagged(bccd, change, quality, expected):
+    field = Image.fromarray(decode_file(bccd / "JPEGImages" / "BloodImage_00000.jpg"))
+    assert _flags(field) == []
+    assert _flags(_as_saved(change(field), quality)) == expected
+
+
+def test_few_cells_is_flagged_and_unmeasured_fields_are_not_judged():
+    assert [f for f, _ in field_flags({**HEALTHY, "RBC": 2}, None, None)] == ["few cells"]
+    assert field_flags(HEALTHY, None, None) == []
+
+
+def test_host_measures_are_the_mean_grey_and_its_laplacian_variance():
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    grey = field.astype(np.float64).mean(-1)
+    half = grey.reshape(24, 2, 32, 2).mean((1, 3))
+    lap = half[:-2, 1:-1] + half[2:, 1:-1] + half[1:-1, :-2] + half[1:-1, 2:] - 4 * half[1:-1, 1:-1]
+    assert measure_host(field) == (round(lap.var(), 3), round(grey.mean(), 2))
+    assert measure_host(field[:47, :63]) == measure_host(field[:46, :62])   # odd sizes: the last row/column is left out
+
+
+def _both_ways(fields: list[np.ndarray]):
+    """Each field measured on the host, and as 3xHxW tensors the way nvJPEG's fields are."""
+    device = [torch.from_numpy(f).permute(2, 0, 1).to("cuda" if torch.cuda.is_available() else "cpu") for f in fields]
+    return [measure_host(f) for f in fields], measure_device(device)()
+
+
+def test_device_measures_equal_host_measures(bccd):
+    fields = [decode_file(bccd / "JPEGImages" / f"BloodImage_0000{i}.jpg") for i in range(4)]
+    fields.append(fields[0][:479, :637])      # another size in the same batch, odd on both sides
+    host, device = _both_ways(fields)
+    assert np.array(device) == pytest.approx(np.array(host), rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_fields_measure_as_pillows_do(bccd):
+    """On the GPU path the measures are taken on nvJPEG's pixels, which differ a little from
+    Pillow's (test_decode): the flags must not depend on which decoder ran."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    paths = sorted((bccd / "JPEGImages").glob("*.jpg"))
+    host, device = [], []
+    for k in range(0, len(paths), 32):
+        datas = [p.read_bytes() for p in paths[k:k + 32]]
+        host += [measure_host(decode_bytes(d)) for d in datas]
+        device += measure_device(decode_on_device(datas, "cuda"))()
+    host, device = np.array(host), np.array(device)
+    rel = np.abs(device - host) / host
+    FIGURES.append(f"quality: nvJPEG (measured on the GPU) vs Pillow (on the host) over {len(paths)} BCCD fields, "
+                   f"focus differs by {rel[:, 0].mean():.2%} on average ({rel[:, 0].max():.2%} at worst), "
+                   f"brightness by {rel[:, 1].max():.3%} at worst; lowest focus {device[:, 0].min():.2f} / {host[:, 0].min():.2f}")
+    assert not [f for q in device for f in field_flags(HEALTHY, *q)]
+    assert rel[:, 1].max() < 0.01 and rel[:, 0].max() < 0.1
