@@ -15,41 +15,47 @@ from typing import Callable
 import numpy as np
 import torch
 
-# Variance of the Laplacian of the grey image at half resolution (`_edges`): BCCD's 292 fields
-# 13.3-44.3. The 20 val fields blurred and saved as JPEG: at radius 2 px 3.0-6.3 (quality 95),
-# 5.5-9.7 (75), 7.4-13.2 (50: 8 of 20 caught); at 1 px, where counts did not move, 9.0-18.0 (95: 1
-# of 20 flagged), 12.7-23.3 (75), 13.6-26.3 (50). JPEG compression adds edges of its own.
-MIN_FOCUS = 10.0
-# Mean grey level: BCCD's fields 166-195; the x0.7 copies 123-133, the x1.35 ones 234-248.
-MIN_BRIGHTNESS, MAX_BRIGHTNESS = 140.0, 225.0
+# Variance of the Laplacian of the green channel at half resolution (`_edges`): BCCD's 292 fields
+# 14.6-48.9. The 20 val fields blurred and saved as JPEG: at radius 2 px 4.6-8.8 (quality 95: all
+# caught), 7.0-12.5 (75: 19 of 20), 8.4-15.5 (50: 8 of 20); at 1 px, where counts did not move,
+# 10.6-21.4 (95: 1 of 20 flagged), 14.2-27.1 (75), 14.9-28.7 (50). JPEG compression adds edges
+# of its own, so the lower its quality the sharper a field looks.
+MIN_FOCUS = 12.0
+# Mean green level: BCCD's fields 162-190; the x0.7 copies 119-129, the x1.35 ones 225-242 (and
+# 2 of the 20 x1.2 ones, which counted 4% more, above 220).
+MIN_BRIGHTNESS, MAX_BRIGHTNESS = 140.0, 220.0
 # Every one of BCCD's fields has 4 or more RBCs counted; a blank field, one far over- or
 # under-exposed, or one blurred past use (radius 8 px) gave 0-2.
 MIN_RBC = 3
 
 
-# Grey is the sum of the three channels (int16 holds it, its 2x2 block sums and their Laplacian
-# exactly): brightness divides by 3, and focus by (3 * 4)^2, to speak in mean grey levels.
-def _edges(grey):
-    """The 4-neighbour Laplacian of [..., H, W] grey sums (numpy or torch) at half resolution: 2x2
-    blocks first, so less of the pixel noise JPEG compression adds passes for edges. At full
-    resolution, a threshold at the same share of the least sharp BCCD field's value (4.5 of 6.0)
-    caught the same 2-px copies but also flagged 6 of the 20 1-px ones (MIN_FOCUS's), against 1."""
-    g = grey[..., : grey.shape[-2] // 2 * 2, : grey.shape[-1] // 2 * 2]
-    g = g[..., 0::2, 0::2] + g[..., 1::2, 0::2] + g[..., 0::2, 1::2] + g[..., 1::2, 1::2]
-    return g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
+# The green channel stands for the field: a Bayer sensor samples it twice, and stained cells
+# contrast most with the plasma in it. Measured alone it costs ~0.5 ms a field on one host core
+# against 1.2 ms for the three channels' mean, which the decode threads of a GPU run decoding
+# with Pillow could not spare (end to end 1,633 and 1,793 images/s fell to 1,074 and 1,517 on an
+# H100; nvJPEG's fields are measured on the GPU).
+def _edges(green):
+    """[..., H, W] green levels (numpy or torch) -> (the 4-neighbour Laplacian of their 2x2 block
+    sums, those sums). Half resolution, so less of the pixel noise JPEG compression adds passes for
+    edges: at full resolution, a threshold at the same share of the least sharp BCCD field's value
+    flagged 9 of the 20 1-px copies (MIN_FOCUS's), against 1, for about the same 2-px ones caught.
+    int16 holds the sums and their Laplacian exactly."""
+    g = green[..., : green.shape[-2] // 2 * 2, : green.shape[-1] // 2 * 2]
+    h = g[..., 0::2, 0::2].astype(np.int16) if isinstance(g, np.ndarray) else g[..., 0::2, 0::2].to(torch.int16)
+    h = h + g[..., 1::2, 0::2] + g[..., 0::2, 1::2] + g[..., 1::2, 1::2]
+    return h[..., :-2, 1:-1] + h[..., 2:, 1:-1] + h[..., 1:-1, :-2] + h[..., 1:-1, 2:] - 4 * h[..., 1:-1, 1:-1], h
 
 
-def _rounded(edge_variance: float, grey_mean: float) -> tuple[float, float]:
-    return round(edge_variance / 144, 3), round(grey_mean / 3, 2)
+def _rounded(edge_variance: float, block_mean: float) -> tuple[float, float]:
+    """In green levels: a 2x2 block sum is four of them."""
+    return round(edge_variance / 16, 3), round(block_mean / 4, 2)
 
 
 def measure_host(field: np.ndarray) -> tuple[float, float]:
-    """(focus, brightness) of one HxWx3 uint8 field decoded on the host: ~1 ms on one core, in the
-    decode thread (numpy, so the decode threads never contend for torch's thread pool)."""
-    grey = field[..., 0].astype(np.int16)
-    grey += field[..., 1]
-    grey += field[..., 2]
-    return _rounded(float(_edges(grey).var(dtype=np.float64)), float(grey.mean(dtype=np.float64)))
+    """(focus, brightness) of one HxWx3 uint8 field decoded on the host, in its decode thread
+    (numpy, so the decode threads never contend for torch's thread pool)."""
+    edges, blocks = _edges(field[..., 1])
+    return _rounded(float(edges.var(dtype=np.float64)), float(blocks.mean(dtype=np.float64)))
 
 
 def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float, float]]]:
@@ -62,9 +68,8 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float,
     for i, f in enumerate(fields):
         by_shape.setdefault(tuple(f.shape), []).append(i)
     for idx in by_shape.values():       # one stacked pass per field size: usually the whole batch
-        grey = torch.stack([fields[i] for i in idx]).sum(1, dtype=torch.int16)
-        values[idx] = torch.stack([_edges(grey).flatten(1).float().var(1, correction=0),
-                                   grey.flatten(1).float().mean(1)], 1)
+        edges, blocks = _edges(torch.stack([fields[i][1] for i in idx]))
+        values[idx] = torch.stack([edges.flatten(1).float().var(1, correction=0), blocks.flatten(1).float().mean(1)], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
@@ -83,11 +88,11 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
     """(flag, reason) pairs for one field. Fields stored before quality was measured have None."""
     flags = []
     if focus is not None and focus < MIN_FOCUS:
-        flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; BCCD fields 13.3-44.3): out of focus? "
+        flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; BCCD fields 14.6-48.9): out of focus? "
                                  "RBC counts fall as fields blur"))
     if brightness is not None and not MIN_BRIGHTNESS <= brightness <= MAX_BRIGHTNESS:
         flags.append(("too dark" if brightness < MIN_BRIGHTNESS else "too bright",
-                      f"mean grey level {brightness:.0f} (BCCD fields 166-195): exposure or illumination?"))
+                      f"mean green level {brightness:.0f} (BCCD fields 162-190): exposure or illumination?"))
     if counts["RBC"] < MIN_RBC:
         flags.append(("few cells", f"{counts['RBC']} RBC counted (< {MIN_RBC}; every BCCD field has 4 or more): "
                                    "blank, out of focus, badly exposed or off the smear?"))
