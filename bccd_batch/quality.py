@@ -15,47 +15,47 @@ from typing import Callable
 import numpy as np
 import torch
 
-# Variance of the Laplacian of the green channel at half resolution (`_edges`): BCCD's 292 fields
-# 14.6-48.9. The 20 val fields blurred and saved as JPEG: at radius 2 px 4.6-8.8 (quality 95: all
-# caught), 7.0-12.5 (75: 19 of 20), 8.4-15.5 (50: 8 of 20); at 1 px, where counts did not move,
-# 10.6-21.4 (95: 1 of 20 flagged), 14.2-27.1 (75), 14.9-28.7 (50). JPEG compression adds edges
-# of its own, so the lower its quality the sharper a field looks.
-MIN_FOCUS = 12.0
-# Mean green level: BCCD's fields 162-190; the x0.7 copies 119-129, the x1.35 ones 225-242 (and
-# 2 of the 20 x1.2 ones, which counted 4% more, above 220).
+# Variance of the Laplacian of the green channel sampled at every other pixel (`_sampled`): BCCD's
+# 292 fields 20.3-73.0. The 20 val fields blurred and saved as JPEG: at radius 2 px 7.2-11.9
+# (quality 95), 9.4-15.8 (75), 9.9-18.1 (50: 17 of 20 caught); at 1 px, where counts did not move,
+# 14.9-27.3 (95: 1 of 20 flagged), 19.4-34.5 (75), 17.8-33.6 (50). JPEG compression adds edges of
+# its own, so the lower its quality the sharper a field looks. Sampled rather than whole: at a
+# threshold at about the same share of the least sharp BCCD field, the full-resolution measure
+# flagged 9 of the 1-px copies and caught 8 of the 2-px ones at quality 50, 2x2 block means 1 and 8.
+MIN_FOCUS = 16.0
+# Mean green level (sampled likewise): BCCD's fields 162-190; the x0.7 copies 119-129, the x1.35
+# ones 225-242 (and 2 of the 20 x1.2 ones, which counted 4% more, above 220).
 MIN_BRIGHTNESS, MAX_BRIGHTNESS = 140.0, 220.0
 # Every one of BCCD's fields has 4 or more RBCs counted; a blank field, one far over- or
 # under-exposed, or one blurred past use (radius 8 px) gave 0-2.
 MIN_RBC = 3
 
 
-# The green channel stands for the field: a Bayer sensor samples it twice, and stained cells
-# contrast most with the plasma in it. Measured alone it costs ~0.5 ms a field on one host core
-# against 1.2 ms for the three channels' mean, which the decode threads of a GPU run decoding
-# with Pillow could not spare (end to end 1,633 and 1,793 images/s fell to 1,074 and 1,517 on an
-# H100; nvJPEG's fields are measured on the GPU).
-def _edges(green):
-    """[..., H, W] green levels (numpy or torch) -> (the 4-neighbour Laplacian of their 2x2 block
-    sums, those sums). Half resolution, so less of the pixel noise JPEG compression adds passes for
-    edges: at full resolution, a threshold at the same share of the least sharp BCCD field's value
-    flagged 9 of the 20 1-px copies (MIN_FOCUS's), against 1, for about the same 2-px ones caught.
-    int16 holds the sums and their Laplacian exactly."""
-    g = green[..., : green.shape[-2] // 2 * 2, : green.shape[-1] // 2 * 2]
-    h = g[..., 0::2, 0::2].astype(np.int16) if isinstance(g, np.ndarray) else g[..., 0::2, 0::2].to(torch.int16)
-    h = h + g[..., 1::2, 0::2] + g[..., 0::2, 1::2] + g[..., 1::2, 1::2]
-    return h[..., :-2, 1:-1] + h[..., 2:, 1:-1] + h[..., 1:-1, :-2] + h[..., 1:-1, 2:] - 4 * h[..., 1:-1, 1:-1], h
+# The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
+# samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
+# field on one host core, in the decode threads of a Pillow-decoding run, where the three channels'
+# mean at full resolution cost 1.2 ms; a GPU run decoding with Pillow lost a quarter of its
+# images/s even to a 0.5 ms measure (H100).
+def _sampled(green):
+    """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
+    g = green[..., 0::2, 0::2]
+    return g.astype(np.int16) if isinstance(g, np.ndarray) else g.to(torch.int16)
 
 
-def _rounded(edge_variance: float, block_mean: float) -> tuple[float, float]:
-    """In green levels: a 2x2 block sum is four of them."""
-    return round(edge_variance / 16, 3), round(block_mean / 4, 2)
+def _laplacian(g):
+    """The 4-neighbour Laplacian over the interior (int16 holds it exactly)."""
+    return g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
+
+
+def _rounded(focus: float, brightness: float) -> tuple[float, float]:
+    return round(focus, 3), round(brightness, 2)
 
 
 def measure_host(field: np.ndarray) -> tuple[float, float]:
     """(focus, brightness) of one HxWx3 uint8 field decoded on the host, in its decode thread
     (numpy, so the decode threads never contend for torch's thread pool)."""
-    edges, blocks = _edges(field[..., 1])
-    return _rounded(float(edges.var(dtype=np.float64)), float(blocks.mean(dtype=np.float64)))
+    g = _sampled(field[..., 1])
+    return _rounded(float(_laplacian(g).var(dtype=np.float64)), float(g.mean(dtype=np.float64)))
 
 
 def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float, float]]]:
@@ -68,8 +68,8 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float,
     for i, f in enumerate(fields):
         by_shape.setdefault(tuple(f.shape), []).append(i)
     for idx in by_shape.values():       # one stacked pass per field size: usually the whole batch
-        edges, blocks = _edges(torch.stack([fields[i][1] for i in idx]))
-        values[idx] = torch.stack([edges.flatten(1).float().var(1, correction=0), blocks.flatten(1).float().mean(1)], 1)
+        g = _sampled(torch.stack([fields[i][1] for i in idx]))
+        values[idx] = torch.stack([_laplacian(g).flatten(1).float().var(1, correction=0), g.flatten(1).float().mean(1)], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
@@ -88,7 +88,7 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
     """(flag, reason) pairs for one field. Fields stored before quality was measured have None."""
     flags = []
     if focus is not None and focus < MIN_FOCUS:
-        flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; BCCD fields 14.6-48.9): out of focus? "
+        flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; BCCD fields 20.3-73.0): out of focus? "
                                  "RBC counts fall as fields blur"))
     if brightness is not None and not MIN_BRIGHTNESS <= brightness <= MAX_BRIGHTNESS:
         flags.append(("too dark" if brightness < MIN_BRIGHTNESS else "too bright",

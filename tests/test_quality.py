@@ -34,12 +34,12 @@ def test_no_bccd_field_is_flagged_for_focus_or_exposure(bccd):
 
 @pytest.mark.parametrize("change, quality, expected", [
     (lambda im: im.filter(ImageFilter.GaussianBlur(2)), 95, ["blurred"]),
-    (lambda im: im.filter(ImageFilter.GaussianBlur(3)), 75, ["blurred"]),   # at 2 px, 19 of 20 val fields
+    (lambda im: im.filter(ImageFilter.GaussianBlur(2)), 75, ["blurred"]),
     (lambda im: im.filter(ImageFilter.GaussianBlur(1)), 95, []),       # counts unchanged at this blur
     (lambda im: ImageEnhance.Brightness(im).enhance(0.5), 95, ["blurred", "too dark"]),   # little contrast left
     (lambda im: ImageEnhance.Brightness(im).enhance(0.7), 95, ["too dark"]),
     (lambda im: ImageEnhance.Brightness(im).enhance(1.35), 95, ["too bright"]),
-], ids=["blur-2px", "blur-3px-q75", "blur-1px", "x0.5", "x0.7", "x1.35"])
+], ids=["blur-2px", "blur-2px-q75", "blur-1px", "x0.5", "x0.7", "x1.35"])
 def test_degraded_copies_are_flagged(bccd, change, quality, expected):
     field = Image.fromarray(decode_file(bccd / "JPEGImages" / "BloodImage_00000.jpg"))
     assert _flags(field) == []
@@ -51,14 +51,12 @@ def test_few_cells_is_flagged_and_unmeasured_fields_are_not_judged():
     assert field_flags(HEALTHY, None, None) == []
 
 
-def test_host_measures_are_the_mean_green_and_the_laplacian_variance_at_half_resolution():
+def test_host_measures_are_the_sampled_greens_mean_and_laplacian_variance():
     rng = np.random.default_rng(0)
     field = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    green = field[..., 1].astype(np.float64)
-    half = green.reshape(24, 2, 32, 2).mean((1, 3))
-    lap = half[:-2, 1:-1] + half[2:, 1:-1] + half[1:-1, :-2] + half[1:-1, 2:] - 4 * half[1:-1, 1:-1]
+    green = field[::2, ::2, 1].astype(np.float64)
+    lap = green[:-2, 1:-1] + green[2:, 1:-1] + green[1:-1, :-2] + green[1:-1, 2:] - 4 * green[1:-1, 1:-1]
     assert measure_host(field) == (round(lap.var(), 3), round(green.mean(), 2))
-    assert measure_host(field[:47, :63]) == measure_host(field[:46, :62])   # odd sizes: the last row/column is left out
 
 
 def _both_ways(fields: list[np.ndarray]):
