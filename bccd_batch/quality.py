@@ -33,9 +33,9 @@ MIN_RBC = 3
 
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
 # samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
-# field on one host core, in the decode threads of a Pillow-decoding run, where the three channels'
-# mean at full resolution cost 1.2 ms; a GPU run decoding with Pillow lost a quarter of its
-# images/s even to a 0.5 ms measure (H100).
+# field on one host core, in the decode threads, where the three channels' mean at full resolution
+# cost 1.2 ms. Even so, a GPU run that decodes every field with Pillow loses a fifth to a third of
+# its images/s to it (BENCHMARKS.md, tenth session); nvJPEG's fields cost nothing measurable.
 def _sampled(green):
     """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
     g = green[..., 0::2, 0::2]

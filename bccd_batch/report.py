@@ -3,8 +3,8 @@ self-contained HTML file (CSS, JS and images inline; a CSP forbids any remote lo
 
 Size budget: every field gets a 256-px-wide JPEG thumbnail (about 12 kB in base64; twice that with
 labels, ground truth beside prediction); the first `FULL_SIZE_LIMIT` fields in review order also
-carry a 640-px version for the click-through view. Past `GALLERY_LIMIT` fields the rest are listed without
-pictures and the report says so, which keeps it under ~15 MB on any folder size.
+carry a 640-px version for the click-through view. Past `GALLERY_LIMIT` fields the rest are listed
+without pictures and the report says so, which keeps it under ~15 MB on any folder size.
 """
 
 from __future__ import annotations
