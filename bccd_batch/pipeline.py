@@ -91,7 +91,7 @@ class _Prepared:
     encoded: bytes | None = None      # a JPEG left for nvJPEG to decode with the rest of its batch
     error: str | None = None
     skip: str | None = None       # "skipped" or "failed" (unchanged and failed before)
-    quality: tuple[float, float] | None = None    # (focus, brightness) of the decoded field: quality.py
+    quality: tuple[float | None, float] | None = None    # (focus, brightness) of the decoded field: quality.py
 
 
 def acquire_lock(out: Path):

@@ -10,6 +10,7 @@ and leave every BCCD field unflagged.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -47,18 +48,24 @@ def _laplacian(g):
     return g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
 
 
-def _rounded(focus: float, brightness: float) -> tuple[float, float]:
-    return round(focus, 3), round(brightness, 2)
+def _rounded(focus: float, brightness: float) -> tuple[float | None, float]:
+    """Focus is None for a field too small to have a Laplacian (under 5 pixels a side)."""
+    return (None if math.isnan(focus) else round(focus, 3)), round(brightness, 2)
 
 
-def measure_host(field: np.ndarray) -> tuple[float, float]:
+def _too_small(g) -> bool:
+    return g.shape[-1] < 3 or g.shape[-2] < 3
+
+
+def measure_host(field: np.ndarray) -> tuple[float | None, float]:
     """(focus, brightness) of one HxWx3 uint8 field decoded on the host, in its decode thread
     (numpy, so the decode threads never contend for torch's thread pool)."""
     g = _sampled(field[..., 1])
-    return _rounded(float(_laplacian(g).var(dtype=np.float64)), float(g.mean(dtype=np.float64)))
+    focus = math.nan if _too_small(g) else float(_laplacian(g).var(dtype=np.float64))
+    return _rounded(focus, float(g.mean(dtype=np.float64)))
 
 
-def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float, float]]]:
+def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float | None, float]]]:
     """Start measuring 3xHxW uint8 fields where nvJPEG decoded them, on their GPU; calling the
     result gives their (focus, brightness). Queued before the batch's inference, and read back
     through pinned memory behind an event, so reading them never waits for a later batch. (CPU
@@ -69,7 +76,9 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float,
         by_shape.setdefault(tuple(f.shape), []).append(i)
     for idx in by_shape.values():       # one stacked pass per field size: usually the whole batch
         g = _sampled(torch.stack([fields[i][1] for i in idx]))
-        values[idx] = torch.stack([_laplacian(g).flatten(1).float().var(1, correction=0), g.flatten(1).float().mean(1)], 1)
+        focus = torch.full((len(idx),), math.nan, device=g.device) if _too_small(g) else \
+            _laplacian(g).flatten(1).float().var(1, correction=0)
+        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1)], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
@@ -78,7 +87,7 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float,
     done = torch.cuda.Event()
     done.record()
 
-    def collect() -> list[tuple[float, float]]:
+    def collect() -> list[tuple[float | None, float]]:
         done.synchronize()
         return [_rounded(*v) for v in host.tolist()]
     return collect

@@ -46,6 +46,17 @@ def test_degraded_copies_are_flagged(bccd, change, quality, expected):
     assert _flags(_as_saved(change(field), quality)) == expected
 
 
+def test_a_field_too_small_for_a_laplacian_has_no_focus_and_no_warning():
+    import warnings
+
+    field = np.full((4, 9, 3), 200, np.uint8)      # sampled: 2x5, no interior
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        host, device = _both_ways([field])
+    assert host == device == [(None, 200.0)]
+    assert field_flags(HEALTHY, *host[0]) == []
+
+
 def test_few_cells_is_flagged_and_unmeasured_fields_are_not_judged():
     assert [f for f, _ in field_flags({**HEALTHY, "RBC": 2}, None, None)] == ["few cells"]
     assert field_flags(HEALTHY, None, None) == []
