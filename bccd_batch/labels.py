@@ -40,11 +40,16 @@ class LabelSet:
     warnings: list[str]
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(CLASSES, 0)
-        for rec in self.records.values():
-            for b in rec["boxes"]:
-                out[b[0]] += 1
-        return out
+        per_field = [box_counts(rec["boxes"]) for rec in self.records.values()]
+        return {c: sum(n[c] for n in per_field) for c in CLASSES}
+
+
+def box_counts(boxes: list[tuple]) -> dict[str, int]:
+    """Labelled cells per class in one record's (cls, x0, y0, x1, y1) boxes."""
+    out = dict.fromkeys(CLASSES, 0)
+    for b in boxes:
+        out[b[0]] += 1
+    return out
 
 
 def canonical_class(name: str) -> str | None:

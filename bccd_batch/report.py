@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import __version__
 from .decode import DecodeError, decode_file
+from .labels import box_counts
 from .model import CLASSES
 from .outputs import atomic_write, gather
 from .store import STORE_NAME, Store
@@ -107,7 +108,7 @@ def build_context(store: Store, run_name: str) -> dict:
         near = sum(uncertain[r] for r in rels)
         slides.append({**s, "flags": slide_flags(s, near / counted if counted else 0.0, sum(1 for r in rels if flags[r]))})
 
-    gt_counts = {rel: {c: sum(1 for b in boxes if b[0] == c) for c in CLASSES} for rel, boxes in gt.items()}
+    gt_counts = {rel: box_counts(boxes) for rel, boxes in gt.items()}
 
     def badness(r):
         """Labelled fields by how badly they agree with their labels; the rest (a nightly run's fields

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .labels import box_counts, read_labels
 from .model import CLASSES, class_counts
 
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -93,10 +94,9 @@ class CountEvaluator:
         self._diffs: dict[str, list[int]] = {c: [] for c in CLASSES}
 
     def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
-        n_pred = class_counts(preds, self.threshold)
+        n_pred, n_gt = class_counts(preds, self.threshold), box_counts(gt["boxes"])
         for cls in CLASSES:
-            n_gt = sum(1 for b in gt["boxes"] if b[0] == cls)
-            self._diffs[cls].append(n_pred[cls] - n_gt)
+            self._diffs[cls].append(n_pred[cls] - n_gt[cls])
 
     def evaluate(self) -> dict:
         out = {}
@@ -233,7 +233,6 @@ def resolve_run_name(out: Path, run_name: str) -> str:
 
 def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
     """Score a stored run against labels; writes metrics.json in the run folder and the store."""
-    from .labels import read_labels
     from .outputs import atomic_write, gather
     from .store import STORE_NAME, Store
 

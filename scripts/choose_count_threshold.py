@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bccd_batch.labels import read_labels
-from bccd_batch.model import CLASSES, load_model
+from bccd_batch.labels import box_counts, read_labels
+from bccd_batch.model import CLASSES, class_counts, load_model
 from bccd_batch.train import DetectionDataset, predict
 
 model_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "engines")
@@ -22,10 +22,11 @@ labels = read_labels(root, root / "ImageSets/Main/trainval.txt")
 ds = DetectionDataset(labels, root / "JPEGImages", train=False)
 model, card = load_model(model_dir)
 preds = predict(model, ds, "cpu", batch_size=4)
+truth = {k: box_counts(labels.records[k]["boxes"]) for k in preds}
 best = None
 for t in np.arange(0.05, 0.96, 0.05):
-    mae = {c: np.mean([abs(sum(1 for p in preds[k] if p[0] == c and p[1] >= t)
-                           - sum(1 for b in labels.records[k]["boxes"] if b[0] == c)) for k in preds]) for c in CLASSES}
+    found = {k: class_counts(preds[k], t) for k in preds}
+    mae = {c: np.mean([abs(found[k][c] - truth[k][c]) for k in preds]) for c in CLASSES}
     total = sum(mae.values())
     print(f"{t:.2f} " + " ".join(f"{c} {v:.3f}" for c, v in mae.items()) + f" sum {total:.3f}")
     if best is None or total < best[1]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bccd_batch.labels import read_labels
+from bccd_batch.labels import box_counts, read_labels
 from bccd_batch.model import CLASSES, class_counts
 from bccd_batch.report import uncertain_detections
 
@@ -29,7 +29,7 @@ with open(run / "detections.csv", newline="") as f:
 for split in ("train", "val"):
     labels = read_labels(root, root / f"ImageSets/Main/{split}.txt").records
     keys = sorted(labels)
-    truth = [{c: sum(1 for b in labels[k]["boxes"] if b[0] == c) for c in CLASSES} for k in keys]
+    truth = [box_counts(labels[k]["boxes"]) for k in keys]
     found = [class_counts(dets.get(k, []), threshold) for k in keys]
     err = np.array([sum(abs(p[c] - t[c]) for c in CLASSES) for p, t in zip(found, truth)])
     near = np.array([uncertain_detections(dets.get(k, []), threshold) for k in keys])
