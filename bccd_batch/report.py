@@ -46,8 +46,10 @@ def _data_uri(img: Image.Image, width: int, quality: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-# Near-miss detections (half the count threshold up to it) per counted cell: 0.41 on BCCD's val
-# fields; a slide at twice that is unlike the training data (stain, focus, magnification).
+# Uncertain detections (near misses) score from this share of the count threshold up to it.
+UNCERTAIN_FROM = 0.5
+# Uncertain detections per counted cell: 0.41 on BCCD's val fields; a slide at twice that is unlike
+# the training data (stain, focus, magnification).
 UNCERTAIN_RATIO_FLAG = 0.8
 
 
@@ -75,7 +77,7 @@ def uncertain_detections(dets: list[tuple], count_threshold: float) -> int:
     count leaves out. Fields with many of them have the least trustworthy counts: on BCCD (train
     and val alike) the tenth of fields with the most had nearly twice the mean count error
     (scripts/review_order.py)."""
-    return sum(1 for d in dets if 0.5 * count_threshold <= d[1] < count_threshold)
+    return sum(1 for d in dets if UNCERTAIN_FROM * count_threshold <= d[1] < count_threshold)
 
 
 def _boxes(dets, threshold: float | None = None) -> list[dict]:
@@ -83,7 +85,7 @@ def _boxes(dets, threshold: float | None = None) -> list[dict]:
     under it (`uncertain_detections`, not counted) marked so the report can tell them apart."""
     return [{"cls": d[0], "x": d[-4], "y": d[-3], "w": d[-2] - d[-4], "h": d[-1] - d[-3],
              "score": d[1] if len(d) == 6 else None, "uncertain": threshold is not None and d[1] < threshold}
-            for d in dets if threshold is None or d[1] >= 0.5 * threshold]
+            for d in dets if threshold is None or d[1] >= UNCERTAIN_FROM * threshold]
 
 
 def build_context(store: Store, run_name: str) -> dict:
@@ -142,7 +144,8 @@ def build_context(store: Store, run_name: str) -> dict:
 
     return {
         "title": f"bccd-batch report {run_name}", "run": info, "run_name": run_name, "version": __version__,
-        "classes": CLASSES, "colours": CLASS_COLOURS, "count_threshold": thr["count"], "slides": slides, "totals": data["totals"],
+        "classes": CLASSES, "colours": CLASS_COLOURS, "count_threshold": thr["count"],
+        "uncertain_from": UNCERTAIN_FROM * thr["count"], "slides": slides, "totals": data["totals"],
         "fields": sum(s["fields"] for s in data["slides"].values()), "gallery": gallery,
         "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics,
         "label_gaps": label_gaps,
