@@ -39,7 +39,7 @@ from . import __version__
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile, discover
 from .engines import EngineError, field_hw, names_gpu, one_ahead, select_engine, submit
-from .model import ModelError, read_card
+from .model import ModelError, Uploads, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, write_run_files
 from .progress import Progress
@@ -149,10 +149,12 @@ def _new_run_dir(out: Path, now: dt.datetime) -> Path:
     raise RuntimeError(f"cannot create a run folder under {runs}")
 
 
-def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool, on_device: bool = False) -> _Prepared:
+def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool, on_device: bool = False,
+             measure: bool = True) -> _Prepared:
     """Read, hash and decode `f`, unless its `prior` record (size, mtime_ns, sha256, status, error,
     model sha256, from the store) says it is unchanged and already done. `on_device`: a JPEG that
-    nvJPEG can take is only read here and decoded with its batch on the GPU (`_decode_on_device`)."""
+    nvJPEG can take is only read here and decoded with its batch on the GPU (`_decode_on_device`).
+    `measure`: the field's quality measured here (on the host); a GPU engine's are measured on it."""
     p = _Prepared(f)
     try:
         st = os.stat(f.path)
@@ -172,18 +174,19 @@ def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool, on_d
     if on_device and device_decodable(data):
         p.encoded = data
     else:
-        _decode_on_host(p, data)
+        _decode_on_host(p, data, measure)
     return p
 
 
-def _decode_on_host(p: _Prepared, data: bytes) -> None:
+def _decode_on_host(p: _Prepared, data: bytes, measure: bool) -> None:
     """`data` decoded by Pillow into `p.array`, or the reason it cannot be into `p.error`."""
     try:
         p.array = decode_bytes(data)
     except DecodeError as e:
         p.error = str(e)
         return
-    p.quality = measure_host(p.array)
+    if measure:
+        p.quality = measure_host(p.array)
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
@@ -201,18 +204,19 @@ def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
             break
 
 
-def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: False):
+def _batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: False, uploads: Uploads | None = None):
     """Groups of (prepared, (h, w) or None, packed detections or None) ready to store: decoded images go
     through the engine `batch_size` at a time, failures and skips ride along with the next group.
     Each batch is submitted before the one before it is collected, so an engine that runs ahead
     (`engines.submit`) has the GPU busy while this thread stacks the next batch. Decoded arrays are
     dropped once inferred so memory stays flat. `timings` accumulates seconds spent in the engine
-    and seconds the engine sat waiting for decoded images."""
-    yield from one_ahead(_submitted(prepared, engine, batch_size, timings, stop),
+    and seconds the engine sat waiting for decoded images. `uploads`: a GPU engine's, which host
+    fields go through before they are measured there and submitted."""
+    yield from one_ahead(_submitted(prepared, engine, batch_size, timings, stop, uploads),
                          lambda submitted: _collect_group(*submitted, timings))
 
 
-def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
+def _submitted(prepared, engine, batch_size: int, timings: dict, stop, uploads: Uploads | None):
     batch: list[_Prepared] = []
     done: list[_Prepared] = []
     it = iter(prepared)
@@ -226,21 +230,27 @@ def _submitted(prepared, engine, batch_size: int, timings: dict, stop):
             break
         (batch if p.array is not None or p.encoded is not None else done).append(p)
         if len(batch) >= batch_size or len(done) >= 256:
-            yield _submit_group(engine, batch, done, timings)
+            yield _submit_group(engine, batch, done, timings, uploads)
             batch, done = [], []
     if batch or done:
-        yield _submit_group(engine, batch, done, timings)
+        yield _submit_group(engine, batch, done, timings, uploads)
 
 
 def _decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: False, on_device: bool = False):
     """Read, hash and decode the files of `work` (any iterable of (file, prior record)) on a thread
     pool, at most a bounded window ahead, and yield the stored-ready groups of `_batches`: each
-    device worker's loop. `on_device`: JPEGs nvJPEG can take are decoded on the engine's GPU."""
+    device worker's loop. `on_device`: JPEGs nvJPEG can take are decoded on the engine's GPU.
+    Each field's quality (quality.py) is measured where the engine runs: on a GPU, from the copy
+    that the engine reads, uploaded here, so that the decode threads (what a GPU run decoding with
+    Pillow waits on) only decode. Measured in those threads it cost ~0.2 ms a field, and such a run
+    a fifth to a third of its images/s (BENCHMARKS.md, tenth session)."""
     model_sha = engine.card["weights"]["sha256"]
     window = max(2 * opts.batch_size, 4 * opts.decode_workers)
+    uploads = Uploads(engine.device) if engine.device.startswith("cuda") else None
     with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
-        prepared = _ordered(pool, lambda item: _prepare(*item, model_sha, opts.full, on_device), work, window)
-        yield from _batches(prepared, engine, opts.batch_size, timings, stop)
+        prepared = _ordered(pool, lambda item: _prepare(*item, model_sha, opts.full, on_device, uploads is None),
+                            work, window)
+        yield from _batches(prepared, engine, opts.batch_size, timings, stop, uploads)
 
 
 def _new_timings() -> dict:
@@ -251,10 +261,12 @@ def _new_timings() -> dict:
             "device_decode_seconds": 0.0, "store_wait_seconds": 0.0, "fields_decoded_on_device": 0}
 
 
-def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict) -> list[_Prepared]:
+def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict,
+                      measure: bool) -> list[_Prepared]:
     """Decode the batch's JPEGs left for the GPU in one nvJPEG call and return the batch's fields
     that have an image. If nvJPEG refuses any of them, each goes through `decode_bytes` instead, so
-    a bad file is recorded with its reason (moved to `done`) and the others go on."""
+    a bad file is recorded with its reason (moved to `done`) and the others go on (`measure`: as
+    `_prepare`'s)."""
     waiting = [p for p in batch if p.encoded is not None]
     if not waiting:
         return batch
@@ -265,7 +277,7 @@ def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], tim
         timings["fields_decoded_on_device"] += len(waiting)
     except RuntimeError:
         for p in waiting:
-            _decode_on_host(p, p.encoded)
+            _decode_on_host(p, p.encoded, measure)
     for p in waiting:
         p.encoded = None
     timings["device_decode_seconds"] += time.monotonic() - t
@@ -273,22 +285,32 @@ def _decode_on_device(engine, batch: list[_Prepared], done: list[_Prepared], tim
     return [p for p in batch if p.array is not None]
 
 
-def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict):
-    batch = _decode_on_device(engine, batch, done, timings)
-    on_device = [p for p in batch if isinstance(p.array, torch.Tensor)]   # nvJPEG's: measured where they are
-    measured = measure_device([p.array for p in on_device]) if on_device else list
+def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings: dict, uploads: Uploads | None):
+    batch = _decode_on_device(engine, batch, done, timings, measure=uploads is None)
+    if uploads is not None:
+        t = time.monotonic()
+        on_host = [p for p in batch if isinstance(p.array, np.ndarray)]
+        for p, field in zip(on_host, uploads([p.array for p in on_host])):
+            p.array = field
+        timings["inference_seconds"] += time.monotonic() - t     # the copy the engine reads
+    # Measured before the batch is submitted (the fields the decode threads measured have their
+    # quality already). Measured after it, runs were a third slower end to end (one H100: with
+    # Pillow 1,140-1,182 images/s against 1,668-1,702, with nvJPEG 1,635 against 2,187-2,218),
+    # presumably because the host then waits for pinned memory that the batch in flight holds.
+    unmeasured = [p for p in batch if p.quality is None]
+    measured = measure_device([p.array for p in unmeasured]) if unmeasured else list
     t = time.monotonic()
     collect = submit(engine, [p.array for p in batch]) if batch else list
     timings["inference_seconds"] += time.monotonic() - t
-    return batch, done, collect, on_device, measured
+    return batch, done, collect, unmeasured, measured
 
 
-def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, on_device: list[_Prepared], measured,
+def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, unmeasured: list[_Prepared], measured,
                    timings: dict) -> list[tuple]:
     t = time.monotonic()
     dets = collect()
     timings["inference_seconds"] += time.monotonic() - t
-    for p, q in zip(on_device, measured()):
+    for p, q in zip(unmeasured, measured()):
         p.quality = q
     group = []
     for p, d in zip(batch, dets):

@@ -34,9 +34,8 @@ MIN_RBC = 3
 
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
 # samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
-# field on one host core, in the decode threads, where the three channels' mean at full resolution
-# cost 1.2 ms. Even so, a GPU run that decodes every field with Pillow loses a fifth to a third of
-# its images/s to it (BENCHMARKS.md, tenth session); nvJPEG's fields cost nothing measurable.
+# field on one host core (the three channels' mean at full resolution cost 1.2 ms), which is why a
+# GPU run measures every field on the GPU instead (pipeline._decoded_groups).
 def _sampled(green):
     """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
     g = green[..., 0::2, 0::2]
@@ -66,10 +65,11 @@ def measure_host(field: np.ndarray) -> tuple[float | None, float]:
 
 
 def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float | None, float]]]:
-    """Start measuring 3xHxW uint8 fields where nvJPEG decoded them, on their GPU; calling the
-    result gives their (focus, brightness). Queued before the batch's inference, and read back
-    through pinned memory behind an event, so reading them never waits for a later batch. (CPU
-    tensors, from the same decode path where there is no GPU, are measured at once.)"""
+    """Start measuring 3xHxW uint8 fields on their GPU (decoded there by nvJPEG, or uploaded for
+    the engine); calling the result gives their (focus, brightness). Queued before the batch's
+    inference, and read back through pinned memory behind an event, so reading them never waits
+    for a later batch. (CPU tensors, from the same paths where there is no GPU, are measured at
+    once.)"""
     values = torch.empty((len(fields), 2), device=fields[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for i, f in enumerate(fields):

@@ -8,7 +8,7 @@ import torch
 
 from bccd_batch.decode import decode_file
 from bccd_batch.engines.split import BoxStage, DenseStage, SplitDetector, infer_split
-from bccd_batch.model import detections_to_tuples, load_model
+from bccd_batch.model import Uploads, detections_to_tuples, load_model
 from conftest import DATA, FIGURES, MODEL
 
 
@@ -113,6 +113,23 @@ def test_compiled_engine_matches_eager(setup):
     _, same = _compiled_counts_match(images, ref)
     FIGURES.append(f"engines: compiled fp16 gave identical per-image counts on {same}/{len(images)} images")
     assert same == len(images)
+
+
+@pytest.mark.gpu
+def test_uploads_copy_batches_of_mixed_sizes_exactly():
+    """Four batches through the two staging buffers in turn, the third refilling the first's (and
+    growing it) while earlier copies may still be on their way: every field arrives as it left."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rng = np.random.default_rng(0)
+    shapes = ([(480, 640)] * 4, [(480, 640), (17, 33), (480, 640)], [(600, 800)] * 4, [(5, 5)])
+    batches = [[rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in batch] for batch in shapes]
+    uploads = Uploads("cuda")
+    got = [uploads(b) for b in batches]
+    for batch, fields in zip(batches, got):
+        for host, field in zip(batch, fields):
+            assert field.shape == (3, *host.shape[:2]) and field.device.type == "cuda"
+            assert torch.equal(field.permute(1, 2, 0).cpu(), torch.from_numpy(host))
 
 
 @pytest.mark.gpu

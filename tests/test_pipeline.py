@@ -272,7 +272,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
         if i == 3:
             p.error = "not a recognised image format"
         else:
-            p.array = np.full((4, 4, 3), i, np.uint8)
+            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), (None, float(i))   # as a decode thread leaves it
         prepared.append(p)
     groups = list(_batches(iter(prepared), RunsAhead(), 2, _new_timings()))
     assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("submit", 2), ("collect", 1),

@@ -30,7 +30,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.poolers import _setup_scales
 
-from ..model import arrays_to_tuples, detections_to_tuples, field_to_device, image_to_input
+from ..model import Uploads, arrays_to_tuples, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
 from . import field_hw, one_ahead
 
@@ -123,44 +123,32 @@ class SplitDetector:
         self.resized_hw, self.padded_hw = model_input_geometry(model)
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self._anchors: dict[int, torch.Tensor] = {}
-        self._pinned: dict[tuple[int, int], torch.Tensor] = {}
+        self._uploads = Uploads(device)
         self._host_out: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._staged: dict[tuple[int, int], torch.cuda.Event] = {}
         self._launches = 0
         self._graphs: dict[int, tuple] = {}
         self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pool_levels = None
 
-    def upload(self, fields: list, slot: int = 0) -> torch.Tensor:
-        """Native-size fields -> [B, 3, H, W] uint8 on the device. Host arrays go on CUDA through a
-        pinned host buffer kept per batch size and `slot`: a copy from pageable memory is staged by
-        the driver and blocks the host (4.0 ms of a 32-field batch's copies were pageable, profiled
-        on an H200). The caller makes sure a slot's previous copy has finished (`launch`)."""
-        if not all(isinstance(f, np.ndarray) for f in fields):
-            # Decoded on the device already; a host array among them (padding) goes up alone.
-            return torch.stack([field_to_device(f, self.device) for f in fields])
-        if self.device.type != "cuda":
-            return torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2).contiguous()
-        key = (len(fields), slot)
-        if key not in self._pinned:
-            self._pinned[key] = torch.empty((len(fields), *NATIVE_HW, 3), dtype=torch.uint8, pin_memory=True)
-        np.stack(fields, out=self._pinned[key].numpy())
-        return self._pinned[key].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+    def upload(self, fields: list) -> torch.Tensor:
+        """Native-size fields, on the host or on the device already (decoded there, or uploaded
+        by the pipeline) -> [B, 3, H, W] uint8 on the device."""
+        host = iter(self._uploads([f for f in fields if isinstance(f, np.ndarray)]))
+        return torch.stack([next(host) if isinstance(f, np.ndarray) else f for f in fields])
 
     def launch(self, fields: list) -> Callable[[], list[list[tuple]]]:
         """Start a batch of native-size fields; calling the result waits for and returns its
         detections. With the CUDA graph it returns as soon as the work is queued, so the caller
         can stack and upload the next batch while the GPU runs this one (two batches in flight,
-        each with its own pinned buffers). Without it the batch is done before it returns."""
+        each with its own pinned output buffers: collect a batch before launching the second
+        after it). Without it the batch is done before it returns."""
+        batch = self.upload(fields)
         if not self.cuda_graph:
-            dets = self(self.upload(fields))
+            dets = self(batch)
             return lambda: dets
         slot = self._launches % 2
         self._launches += 1
         n = len(fields)
-        if (n, slot) in self._staged:
-            self._staged[n, slot].synchronize()    # the pinned buffer's last upload has left it
-        batch = self.upload(fields, slot)
         # The engine's device made current: graph capture and events use the current device's
         # streams, and a worker on cuda:1 does not change which device is current.
         with torch.cuda.device(self.device), torch.inference_mode():
@@ -174,7 +162,6 @@ class SplitDetector:
             host_converged.copy_(converged, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        self._staged[n, slot] = done
 
         def collect() -> list[list[tuple]]:
             done.synchronize()
