@@ -173,6 +173,9 @@ def run(
                              help="Workers sharing a GPU run under CUDA MPS (an operator's daemon, else one started for the run)."),
     gpu_decode: bool = typer.Option(True, envvar="BCCD_BATCH_GPU_DECODE",
                                     help="Engines on a GPU get plain JPEGs decoded there by nvJPEG, in batches; other files on the CPU."),
+    keep_runs: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_KEEP_RUNS",
+                                            help="Once a run finishes, delete the folders of all but the newest N runs "
+                                                 "(the store and index.html keep their counts); default: keep all."),
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
@@ -191,7 +194,8 @@ def run(
         raise _fail(f"labels path not found: {labels}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels,
-                      workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode)
+                      workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode,
+                      keep_runs=keep_runs)
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .model import CLASSES, class_counts
@@ -92,3 +93,22 @@ def point_latest(out: Path, run_dir: Path) -> None:
         tmp.unlink()
     os.symlink(os.path.relpath(run_dir, out), tmp)
     os.replace(tmp, out / "latest")
+
+
+def prune_runs(out: Path, runs_newest_first: list[str], keep: int) -> tuple[list[str], list[str]]:
+    """Delete the folders of all but the newest `keep` runs (names from the store, newest first):
+    the store keeps every run's row, counts and totals, so the index still lists and charts them.
+    A folder the store does not name is never touched. Returns (removed, reasons it could not
+    remove one): a folder that will not go is reported, never the end of the night."""
+    runs = (Path(out) / "runs").resolve()
+    removed, problems = [], []
+    for name in runs_newest_first[keep:]:
+        folder = runs / name
+        if folder.parent != runs or folder.is_symlink() or not folder.is_dir():
+            continue        # already gone, or not a plain folder of ours
+        try:
+            shutil.rmtree(folder)
+            removed.append(name)
+        except OSError as e:
+            problems.append(f"{name}: {e.strerror or e}")
+    return removed, problems

@@ -41,7 +41,7 @@ from .discover import ImageFile, discover
 from .engines import EngineError, field_hw, names_gpu, one_ahead, select_engine, submit
 from .model import ModelError, Uploads, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
-from .outputs import gather, point_latest, write_run_files
+from .outputs import gather, point_latest, prune_runs, write_run_files
 from .progress import Progress
 from .quality import measure_device, measure_host
 from .store import STORE_NAME, Store, pack_detections
@@ -71,6 +71,7 @@ class RunOptions:
     precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
     mps: bool = True                            # workers sharing a GPU under CUDA MPS (mps.py)
     gpu_decode: bool = True                     # plain JPEGs decoded by nvJPEG where the engine is on a GPU
+    keep_runs: int | None = None                # once a run finishes, the folders of only the newest N runs are kept
 
 
 @dataclasses.dataclass
@@ -678,6 +679,15 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
         }
         data = gather(store, run_id, root, thresholds["count"])
         info["totals"] = data["totals"]
+        if opts.keep_runs and status == "finished":
+            # Under the lock, before this run's files: its run.json names what went. Only a
+            # finished run prunes, so a night that failed or was stopped never costs history.
+            info["pruned_runs"], problems = prune_runs(out, [r["name"] for r in store.runs()], opts.keep_runs)
+            for problem in problems:
+                log(f"could not remove an old run folder: {problem}")
+            if info["pruned_runs"]:
+                log(f"removed {len(info['pruned_runs'])} run folders beyond the newest {opts.keep_runs} "
+                    "(the store and the index keep their counts)")
         store.finish_run(run_id, status, info["finished_utc"], info)
         write_run_files(run_dir, data, info)
         point_latest(out, run_dir)

@@ -222,9 +222,13 @@ def match_labels(label_keys: list[str], image_rels: list[str]) -> dict[str, str]
 
 
 def resolve_run_name(out: Path, run_name: str) -> str:
-    """'latest' -> the run OUT/latest points at; other names pass through."""
+    """'latest' -> the run OUT/latest points at; other names pass through, if their folder is there."""
     link = Path(out) / "latest"
     if run_name != "latest":
+        folder = Path(out) / "runs" / run_name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no run folder {folder} (runs beyond `run --keep-runs` keep only their "
+                                    f"counts, listed in {Path(out) / 'index.html'})")
         return run_name
     if not link.is_symlink():
         raise FileNotFoundError(f"no runs yet in {out}")

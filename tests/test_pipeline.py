@@ -50,11 +50,21 @@ def test_run_outputs_rerun_and_full(slides, tmp_path):
     cli("run", slides, "--out", out, "--device", "cpu", check_rc=3)
     assert json.loads((out / "latest" / "run.json").read_text())["images"]["new"] == 1
 
-    cli("run", slides, "--out", out, "--device", "cpu", "--full", check_rc=3)
-    assert json.loads((out / "latest" / "run.json").read_text())["images"]["new"] == 5
+    # The fourth night keeps the folders of only the newest two runs; a folder of someone else's stays.
+    runs = sorted(os.listdir(out / "runs"))
+    (out / "runs" / "notes").mkdir()
+    cli("run", slides, "--out", out, "--device", "cpu", "--full", check_rc=3, env={"BCCD_BATCH_KEEP_RUNS": "2"})
+    info4 = json.loads((out / "latest" / "run.json").read_text())
+    assert info4["images"]["new"] == 5
+    assert info4["pruned_runs"] == runs[1::-1]       # newest first
+    assert sorted(os.listdir(out / "runs")) == sorted([runs[2], (out / "latest").resolve().name, "notes"])
     db = sqlite3.connect(out / "bccd-batch.sqlite")
     assert db.execute("SELECT COUNT(*) FROM runs WHERE status='finished'").fetchone()[0] == 4
     assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 5    # replaced, not added
+    index = (out / "index.html").read_text()
+    assert all(name in index for name in runs) and f'href="runs/{runs[0]}/' not in index
+    gone = cli("report", runs[0], "--out", out, check_rc=2)
+    assert "no run folder" in gone.stderr and "--keep-runs" in gone.stderr
 
 
 def test_usage_errors_exit_2(tmp_path, slides):
