@@ -225,6 +225,9 @@ def _score_run(out: Path, run_name: str, labels: Path) -> dict:
     gaps = len(metrics["label_gaps"]["fields"])
     typer.echo(f"scored {metrics['n_images_scored']} labelled images: AP {s['AP']:.3f}, AP50 {s['AP50']:.3f}"
                + (f"; {gaps} whose labels may omit a class (the report names them)" if gaps else ""), err=True)
+    if metrics["processed_later"]:
+        typer.echo(f"note: {metrics['processed_later']} of {run_name}'s fields were processed again by a later run; "
+                   "they were scored on that run's result", err=True)
     return metrics
 
 

@@ -47,7 +47,9 @@ def _blank_none(v):
 
 
 def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
-    """Everything the run's files and report show, read once from the store."""
+    """Everything the run's files and report show, read once from the store. The store keeps each
+    image's latest result, so for an earlier run, the fields a later run processed again show that
+    run's result (`later`); the earlier run's own CSVs keep what it found."""
     images = store.run_images(run_id, root)
     dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
     counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
@@ -67,7 +69,8 @@ def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
         s["WBC_per_1000_RBC"] = round(1000 * s["WBC"] / s["RBC"], 2) if s["RBC"] else None
     totals = {c: sum(s[c] for s in slides.values()) for c in CLASSES}
     return {"images": images, "detections": dets, "counts": counts, "flags": flags, "slides": slides, "totals": totals,
-            "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"]}
+            "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"],
+            "later": [r["rel"] for r in images if r["run_id"] > run_id]}
 
 
 def write_run_files(run_dir: Path, data: dict, info: dict) -> None:

@@ -147,7 +147,7 @@ def build_context(store: Store, run_name: str) -> dict:
         "classes": CLASSES, "colours": CLASS_COLOURS, "count_threshold": thr["count"],
         "uncertain_from": UNCERTAIN_FROM * thr["count"], "slides": slides, "totals": data["totals"],
         "fields": sum(s["fields"] for s in data["slides"].values()), "gallery": gallery,
-        "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics,
+        "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics, "later": data["later"],
         "label_gaps": label_gaps,
         "gallery_limit": GALLERY_LIMIT, "full_size_limit": FULL_SIZE_LIMIT,
         "pr_curves": _pr_paths(metrics) if metrics else {},

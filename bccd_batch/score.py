@@ -265,6 +265,7 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),
             "labels_without_image": sorted(set(labels.records) - set(matched.values())),
             "label_warnings": labels.warnings, "label_counts": labels.counts(),
+            "processed_later": len(data["later"]),      # scored on a later run's result (outputs.gather)
             "coco": coco, "counting": counting, "matching": matching, "label_gaps": label_gaps,
             # Kept so the report can draw ground truth beside the predictions.
             "ground_truth": {rel: rec["boxes"] for rel, rec in gt.items()},

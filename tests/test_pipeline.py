@@ -65,6 +65,10 @@ def test_run_outputs_rerun_and_full(slides, tmp_path):
     assert all(name in index for name in runs) and f'href="runs/{runs[0]}/' not in index
     gone = cli("report", runs[0], "--out", out, check_rc=2)
     assert "no run folder" in gone.stderr and "--keep-runs" in gone.stderr
+    # The third run's report rendered again says that the fourth (--full) has processed its 6 images since.
+    cli("report", runs[2], "--out", out, check_rc=0)
+    assert "a later run processed 6 of this run" in (out / "runs" / runs[2] / "report.html").read_text()
+    assert "later run" not in (out / "latest" / "report.html").read_text()
 
 
 def test_usage_errors_exit_2(tmp_path, slides):
