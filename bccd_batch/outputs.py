@@ -89,6 +89,15 @@ def write_run_files(run_dir: Path, data: dict, info: dict) -> None:
     atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
+def run_folder(out: Path, run_name: str) -> Path:
+    """OUT/runs/RUN, which must still be there for a stored run's report or metrics to be written."""
+    folder = Path(out) / "runs" / run_name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no run folder {folder} (runs beyond `run --keep-runs` keep only their counts, "
+                                f"listed in {Path(out) / 'index.html'})")
+    return folder
+
+
 def point_latest(out: Path, run_dir: Path) -> None:
     """OUT/latest is a relative symlink to the newest run folder, swapped atomically."""
     tmp = out / f".latest.tmp{os.getpid()}"

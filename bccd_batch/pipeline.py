@@ -295,9 +295,10 @@ def _submit_group(engine, batch: list[_Prepared], done: list[_Prepared], timings
             p.array = field
         timings["inference_seconds"] += time.monotonic() - t     # the copy the engine reads
     # Measured before the batch is submitted (the fields the decode threads measured have their
-    # quality already). Measured after it, runs were a third slower end to end (one H100: with
-    # Pillow 1,140-1,182 images/s against 1,668-1,702, with nvJPEG 1,635 against 2,187-2,218),
-    # presumably because the host then waits for pinned memory that the batch in flight holds.
+    # quality already). Measured after it, runs were a third slower end to end (one H100, one
+    # call: with Pillow 1,140-1,182 images/s against 1,711-1,817 with no measure at all; with
+    # nvJPEG 1,635, where other calls gave 2,157-2,218), presumably because the host then waits
+    # for pinned memory that the batch in flight holds.
     unmeasured = [p for p in batch if p.quality is None]
     measured = measure_device([p.array for p in unmeasured]) if unmeasured else list
     t = time.monotonic()

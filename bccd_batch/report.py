@@ -22,7 +22,7 @@ from . import __version__
 from .decode import DecodeError, decode_file
 from .labels import box_counts
 from .model import CLASSES
-from .outputs import atomic_write, gather
+from .outputs import atomic_write, gather, run_folder
 from .store import STORE_NAME, Store
 
 THUMB_WIDTH, FULL_WIDTH = 256, 640
@@ -171,7 +171,7 @@ def render_run(out: Path, run_name: str) -> Path:
     finally:
         store.close()
     html = _env().get_template("report.html").render(**ctx)
-    path = out / "runs" / run_name / "report.html"
+    path = run_folder(out, run_name) / "report.html"
     atomic_write(path, html)
     render_index(out)
     return path

@@ -222,13 +222,9 @@ def match_labels(label_keys: list[str], image_rels: list[str]) -> dict[str, str]
 
 
 def resolve_run_name(out: Path, run_name: str) -> str:
-    """'latest' -> the run OUT/latest points at; other names pass through, if their folder is there."""
+    """'latest' -> the run OUT/latest points at; other names pass through."""
     link = Path(out) / "latest"
     if run_name != "latest":
-        folder = Path(out) / "runs" / run_name
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no run folder {folder} (runs beyond `run --keep-runs` keep only their "
-                                    f"counts, listed in {Path(out) / 'index.html'})")
         return run_name
     if not link.is_symlink():
         raise FileNotFoundError(f"no runs yet in {out}")
@@ -237,7 +233,7 @@ def resolve_run_name(out: Path, run_name: str) -> str:
 
 def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
     """Score a stored run against labels; writes metrics.json in the run folder and the store."""
-    from .outputs import atomic_write, gather
+    from .outputs import atomic_write, gather, run_folder
     from .store import STORE_NAME, Store
 
     out = Path(out)
@@ -246,6 +242,7 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
         run = store.run_by_name(run_name)
         if run is None:
             raise FileNotFoundError(f"no run named {run_name!r} in {out / STORE_NAME}")
+        folder = run_folder(out, run_name)
         labels = read_labels(labels_path)
         info = json.loads(run["info"])
         threshold = info["model"]["thresholds"]["count"]
@@ -265,13 +262,14 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),
             "labels_without_image": sorted(set(labels.records) - set(matched.values())),
             "label_warnings": labels.warnings, "label_counts": labels.counts(),
-            "processed_later": len(data["later"]),      # scored on a later run's result (outputs.gather)
+            # Labelled fields scored on a later run's result (outputs.gather).
+            "processed_later": len(set(data["later"]) & set(gt)),
             "coco": coco, "counting": counting, "matching": matching, "label_gaps": label_gaps,
             # Kept so the report can draw ground truth beside the predictions.
             "ground_truth": {rel: rec["boxes"] for rel, rec in gt.items()},
         }
         store.save_metrics(run["id"], metrics)
-        atomic_write(out / "runs" / run_name / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        atomic_write(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         return metrics
     finally:
         store.close()

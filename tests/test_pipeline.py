@@ -19,7 +19,7 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
-def test_run_outputs_rerun_and_full(slides, tmp_path):
+def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     (slides / "slide-B" / "notes.jpg").write_text("not an image")
     out = tmp_path / "out"
     p = cli("run", slides, "--out", out, "--device", "cpu", check_rc=3)
@@ -67,8 +67,11 @@ def test_run_outputs_rerun_and_full(slides, tmp_path):
     assert "no run folder" in gone.stderr and "--keep-runs" in gone.stderr
     # The third run's report rendered again says that the fourth (--full) has processed its 6 images since.
     cli("report", runs[2], "--out", out, check_rc=0)
-    assert "a later run processed 6 of this run" in (out / "runs" / runs[2] / "report.html").read_text()
+    assert "a later run had processed 6 of this run" in (out / "runs" / runs[2] / "report.html").read_text()
     assert "later run" not in (out / "latest" / "report.html").read_text()
+    scored = cli("score", runs[2], "--labels", bccd, "--out", out, check_rc=0)
+    assert "5 of" in scored.stderr and "scored on that run's result" in scored.stderr
+    assert json.loads((out / "runs" / runs[2] / "metrics.json").read_text())["processed_later"] == 5
 
 
 def test_usage_errors_exit_2(tmp_path, slides):
