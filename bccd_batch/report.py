@@ -201,6 +201,7 @@ def render_index(out: Path) -> Path:
                          "images_per_s": info.get("images_per_s"), "engine": info.get("engine"),
                          "totals": info.get("totals", {}),
                          "has_report": (out / "runs" / r["name"] / "report.html").is_file(),
+                         "removed": not (out / "runs" / r["name"]).is_dir(),      # run --keep-runs
                          "AP": metrics["coco"]["stats"]["AP"] if metrics else None})
     finally:
         store.close()

@@ -63,6 +63,7 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 5    # replaced, not added
     index = (out / "index.html").read_text()
     assert all(name in index for name in runs) and f'href="runs/{runs[0]}/' not in index
+    assert index.count("(folder removed)") == 2
     gone = cli("report", runs[0], "--out", out, check_rc=2)
     assert "no run folder" in gone.stderr and "--keep-runs" in gone.stderr
     # The third run's report rendered again says that the fourth (--full) has processed its 6 images since.
