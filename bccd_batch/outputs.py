@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .model import CLASSES, class_counts
 from .quality import field_flags
-from .store import unpack_detections
+from .store import STORE_NAME, unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
 COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, "focus", "brightness", "flags"]
@@ -89,13 +89,17 @@ def write_run_files(run_dir: Path, data: dict, info: dict) -> None:
     atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
-def run_folder(out: Path, run_name: str) -> Path:
-    """OUT/runs/RUN, which must still be there for a stored run's report or metrics to be written."""
+def stored_run(store, out: Path, run_name: str) -> tuple:
+    """(the store's row for RUN, OUT/runs/RUN): a run's report or metrics are written only where
+    the store knows the run and its folder is still there."""
+    run = store.run_by_name(run_name)
+    if run is None:
+        raise FileNotFoundError(f"no run named {run_name!r} in {Path(out) / STORE_NAME}")
     folder = Path(out) / "runs" / run_name
     if not folder.is_dir():
         raise FileNotFoundError(f"no run folder {folder} (runs beyond `run --keep-runs` keep only their counts, "
                                 f"listed in {Path(out) / 'index.html'})")
-    return folder
+    return run, folder
 
 
 def point_latest(out: Path, run_dir: Path) -> None:

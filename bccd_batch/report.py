@@ -22,7 +22,7 @@ from . import __version__
 from .decode import DecodeError, decode_file
 from .labels import box_counts
 from .model import CLASSES
-from .outputs import atomic_write, gather, run_folder
+from .outputs import atomic_write, gather, stored_run
 from .store import STORE_NAME, Store
 
 THUMB_WIDTH, FULL_WIDTH = 256, 640
@@ -88,10 +88,9 @@ def _boxes(dets, threshold: float | None = None) -> list[dict]:
             for d in dets if threshold is None or d[1] >= UNCERTAIN_FROM * threshold]
 
 
-def build_context(store: Store, run_name: str) -> dict:
-    run = store.run_by_name(run_name)
-    if run is None:
-        raise FileNotFoundError(f"no run named {run_name!r}")
+def build_context(store: Store, run) -> dict:
+    """What report.html shows of `run` (the store's row)."""
+    run_name = run["name"]
     info = json.loads(run["info"])
     thr = info["model"]["thresholds"]
     data = gather(store, run["id"], run["slides_root"], thr["count"])
@@ -167,11 +166,12 @@ def render_run(out: Path, run_name: str) -> Path:
     out = Path(out)
     store = Store(out / STORE_NAME)
     try:
-        ctx = build_context(store, run_name)
+        run, folder = stored_run(store, out, run_name)     # before the pictures are made
+        ctx = build_context(store, run)
     finally:
         store.close()
     html = _env().get_template("report.html").render(**ctx)
-    path = run_folder(out, run_name) / "report.html"
+    path = folder / "report.html"
     atomic_write(path, html)
     render_index(out)
     return path
@@ -194,14 +194,15 @@ def render_index(out: Path) -> Path:
             info = json.loads(r["info"])
             rows = store.db.execute("SELECT COUNT(*) FROM run_images WHERE run_id=?", (r["id"],)).fetchone()[0]
             metrics = store.metrics(r["id"])
+            folder = out / "runs" / r["name"]
             runs.append({"name": r["name"], "status": r["status"], "started": r["started_utc"],
                          "slides_root": r["slides_root"], "covered": rows,
                          # A killed run never wrote its info: show it with what the store knows.
                          "images": {"new": 0, "failed": 0, **info.get("images", {})},
                          "images_per_s": info.get("images_per_s"), "engine": info.get("engine"),
                          "totals": info.get("totals", {}),
-                         "has_report": (out / "runs" / r["name"] / "report.html").is_file(),
-                         "removed": not (out / "runs" / r["name"]).is_dir(),      # run --keep-runs
+                         "has_report": (folder / "report.html").is_file(),
+                         "removed": not folder.is_dir(),      # run --keep-runs
                          "AP": metrics["coco"]["stats"]["AP"] if metrics else None})
     finally:
         store.close()

@@ -233,16 +233,13 @@ def resolve_run_name(out: Path, run_name: str) -> str:
 
 def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
     """Score a stored run against labels; writes metrics.json in the run folder and the store."""
-    from .outputs import atomic_write, gather, run_folder
+    from .outputs import atomic_write, gather, stored_run
     from .store import STORE_NAME, Store
 
     out = Path(out)
     store = Store(out / STORE_NAME)
     try:
-        run = store.run_by_name(run_name)
-        if run is None:
-            raise FileNotFoundError(f"no run named {run_name!r} in {out / STORE_NAME}")
-        folder = run_folder(out, run_name)
+        run, folder = stored_run(store, out, run_name)
         labels = read_labels(labels_path)
         info = json.loads(run["info"])
         threshold = info["model"]["thresholds"]["count"]
