@@ -65,6 +65,7 @@ def train(
     epochs: int = typer.Option(200, min=1),
     batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(0.03, help="Peak learning rate for batch 16 (scaled linearly with --batch-size)."),
+    weight_decay: float = typer.Option(4e-5, min=0.0, help="L2 weight decay on weights of two or more dimensions (none on biases and norms)."),
     workers: int = typer.Option(8, min=0),
     eval_every: int = typer.Option(10, min=1, help="Evaluate on the val split every N epochs."),
     seed: int = typer.Option(0),
@@ -101,7 +102,7 @@ def train(
         raise _fail(str(e))
     if not image_root.is_dir():
         raise _fail(f"image folder not found: {image_root}")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, workers=workers,
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes)
