@@ -143,7 +143,8 @@ def export_weights(
     if one_checkpoint:
         hist_path = checkpoints[0].parent / "history.json"
         history = json.loads(hist_path.read_text()) if hist_path.is_file() else None
-        training.update(epoch=record["epoch"], epochs_run=history[-1]["epoch"] if history else None)
+        training.update(epoch=record["epoch"], epochs_run=history[-1]["epoch"] if history else None,
+                        config=record["config"])
         metrics = {"val_during_training": record["val"]}
     else:
         training["averaged_weights_of"] = [str(c) for c in checkpoints]

@@ -145,7 +145,8 @@ def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict
 def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """The architecture and weights of a training checkpoint (its EMA where it has one, as
     last.pt does; best.pt holds the EMA already) or of a model folder such as engines/, and what
-    a checkpoint records of its run (epoch, val metrics; nothing for a folder)."""
+    a checkpoint records of its run (epoch, val metrics, training config: None in checkpoints
+    written before it was recorded; nothing for a folder)."""
     path = Path(path)
     if path.is_dir():
         model, card = load_model(path)
@@ -154,7 +155,7 @@ def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     state = ck["ema"] if "ema" in ck else ck["model"]
     return (ModelConfig.from_dict(json.loads(ck["model_config"])),
             {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"},
-            {"epoch": ck.get("epoch"), "val": ck.get("val", {})})
+            {"epoch": ck.get("epoch"), "val": ck.get("val", {}), "config": json.loads(ck.get("train_config", "null"))})
 
 
 def averaged_weights(paths: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -223,6 +224,17 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
     if cfg.channels_last and dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    run_record = {"train_images": len(train_ds), "val_images": len(val_ds) if val_ds else 0,
+                  "init": str(init) if init is not None and ck is None else None,
+                  "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                  "torch": torch.__version__}
+
+    def described() -> dict:
+        """What every checkpoint says of its run, so an exported card records how its weights were
+        trained (TrainConfig at save time: the epoch count a time budget fitted, the scaled lr)."""
+        return {"model_config": json.dumps(model_cfg.to_dict()),
+                "train_config": json.dumps({**dataclasses.asdict(cfg), **run_record})}
+
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -313,8 +325,8 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
                     writer.add_scalar(f"val/{k}", v, step)
             if coco["stats"]["AP"] > best_ap:
                 best_ap = coco["stats"]["AP"]
-                torch.save({"model": ema.module.state_dict(), "epoch": epoch + 1, "val": coco["stats"],
-                            "model_config": json.dumps(model_cfg.to_dict())}, out_dir / "best.pt")
+                torch.save({"model": ema.module.state_dict(), "epoch": epoch + 1, "val": coco["stats"], **described()},
+                           out_dir / "best.pt")
         if fit_budget:
             now = time.monotonic()
             if last_fit is None:
@@ -331,14 +343,14 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         if eval_now or last_epoch:  # a 185 MB checkpoint every 2-second epoch would cost 15% of the run
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                         "epoch": epoch + 1, "step": step, "best_ap": best_ap, "history": json.dumps(history),
-                        "model_config": json.dumps(model_cfg.to_dict())}, out_dir / "last.pt.tmp")
+                        **described()}, out_dir / "last.pt.tmp")
             (out_dir / "last.pt.tmp").replace(out_dir / "last.pt")
         if last_epoch:
             break
     if writer:
         writer.close()
     if not (out_dir / "best.pt").exists():
-        torch.save({"model": ema.module.state_dict(), "epoch": history[-1]["epoch"], "val": {},
-                    "model_config": json.dumps(model_cfg.to_dict())}, out_dir / "best.pt")
+        torch.save({"model": ema.module.state_dict(), "epoch": history[-1]["epoch"], "val": {}, **described()},
+                   out_dir / "best.pt")
     return {"best_val_AP": best_ap, "epochs": history[-1]["epoch"], "steps": step,
             "train_seconds": time.monotonic() - t_start, "history": history}

@@ -10,7 +10,7 @@ from bccd_batch.cli import export_weights
 from bccd_batch.labels import read_labels
 from bccd_batch.model import ModelConfig, load_model, read_card
 from bccd_batch.train import TrainConfig, train
-from conftest import MODEL
+from conftest import MODEL, cli
 
 
 @pytest.fixture
@@ -36,9 +36,25 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
                    val_split="two")
     model, card = load_model(tmp_path / "model")
     assert card["training"]["data"] == "two BCCD images"
+    run = card["training"]["config"]   # how the weights were trained, from the checkpoint itself
+    assert (run["epochs"], run["batch_size"], run["lr"], run["train_images"], run["device"]) == (8, 2, 0.01, 2, "cpu")
     with torch.no_grad():
         out = model([torch.rand(3, 480, 640)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd):
+    """`bccd-batch train ... --export`: the options reach the run (lr scaled to the batch size) and
+    the exported card says what they were."""
+    split = tmp_path / "two.txt"
+    split.write_text("BloodImage_00000\nBloodImage_00001\n")
+    cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "run",
+        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--seed", 7,
+        "--workers", 0, "--device", "cpu", "--input-size", 320, "--export", tmp_path / "model", check_rc=0)
+    card = read_card(tmp_path / "model")
+    run = card["training"]["config"]
+    assert (run["lr"], run["weight_decay"], run["mosaic"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 7, 2)
+    assert card["architecture"]["test_min_size"] == 320
 
 
 def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
