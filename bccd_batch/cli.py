@@ -145,6 +145,9 @@ def export_weights(
         history = json.loads(hist_path.read_text()) if hist_path.is_file() else None
         training.update(epoch=record["epoch"], epochs_run=history[-1]["epoch"] if history else None,
                         config=record["config"])
+        init = (record["config"] or {}).get("init")
+        if init is not None:   # a fine-tune is from scratch only if what it started from was
+            training["from_scratch"] = init["from_scratch"] is True
         metrics = {"val_during_training": record["val"]}
     else:
         training["averaged_weights_of"] = [str(c) for c in checkpoints]

@@ -213,11 +213,16 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         # The checkpoint's architecture wins: resuming with other --backbone/--input-size flags
         # would otherwise fail to load, or train a different network than the one saved.
         model_cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
-    init_state = None
+    init_state, init_record = None, None
     if init is not None and ck is None:
         start, card = load_model(init)
         model_cfg, init_state = ModelConfig.from_dict(card["architecture"]), start.state_dict()
+        init_record = {"model": str(init), "name": card.get("name"), "sha256": card["weights"]["sha256"],
+                       "from_scratch": card.get("training", {}).get("from_scratch")}
         log(f"starting from the weights in {init}")
+    elif ck is not None:
+        # A resumed run started from whatever its first part started from.
+        init_record = json.loads(ck.get("train_config", "{}")).get("init")
     model = build_model(model_cfg).to(dev)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -225,7 +230,7 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     run_record = {"train_images": len(train_ds), "val_images": len(val_ds) if val_ds else 0,
-                  "init": str(init) if init is not None and ck is None else None,
+                  "init": init_record,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                   "torch": torch.__version__}
 

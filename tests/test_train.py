@@ -66,6 +66,27 @@ def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
     assert summary["history"][0]["loss"] < 1.2, summary["history"]
     saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
+    export_weights([tmp_path / "run" / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
+    training = read_card(tmp_path / "model")["training"]
+    assert training["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
+    assert training["from_scratch"] is True   # the shipped model was, so a fine-tune of it is
+
+
+def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, bccd, labels):
+    """--resume: a run stopped after its first epoch goes on to the end of its schedule from last.pt,
+    and still says what it started from."""
+    cfg = TrainConfig(epochs=2, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
+    train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
+          max_steps=1, log=lambda m: None)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    logged = []
+    summary = train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu",
+                    resume=tmp_path / "run" / "last.pt", log=logged.append)
+    assert any("resumed from" in m and "epoch 1, step 1" in m for m in logged), logged
+    assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["steps"] == 2
+    assert summary["history"][1]["loss"] < 1.2   # the fine-tuned weights came back, not a fresh network
+    export_weights([tmp_path / "run" / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
+    assert read_card(tmp_path / "model")["training"]["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
 
 
 def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, bccd, labels):
