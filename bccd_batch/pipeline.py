@@ -48,7 +48,7 @@ from .store import STORE_NAME, Store, pack_detections
 
 WORK_LIST = ".work-list"    # OUT/<this>: the running run's work for its workers (`_write_work_list`)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 1, 2, 3, 75
+EXIT_OK, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 3, 75    # 2 (usage) and 1 (unexpected) come from cli.py
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
