@@ -152,7 +152,18 @@ def export_weights(
     else:
         training["averaged_weights_of"] = [str(c) for c in checkpoints]
         metrics = {}
-    card = save_model(model, cfg, out, {"training": training, "metrics": metrics})
+    extra = {"training": training, "metrics": metrics}
+    chosen = record["count_threshold"] if one_checkpoint else None
+    if chosen is not None:
+        extra["thresholds"] = {"detection": cfg.detection_threshold, "count": chosen["count"]}
+        extra["threshold_choice"] = {"count": (
+            f"{chosen['count']} minimises the sum over the classes of the per-image count MAE on the run's "
+            f"{chosen['images']} training and val fields (" + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items())
+            + f", sum {chosen['sum_of_MAE']:.3f}), chosen by `bccd-batch train` for these weights")}
+    else:
+        typer.echo("no count threshold was chosen for these weights (only `train`'s best.pt has one): the card "
+                   "says 0.5; choose one with scripts/choose_count_threshold.py", err=True)
+    card = save_model(model, cfg, out, extra)
     typer.echo(f"wrote {out / card['weights']['file']} (sha256 {card['weights']['sha256'][:16]}…) and {out / 'model.json'}")
 
 

@@ -24,7 +24,7 @@ from .decode import DecodeError, decode_file
 from .labels import LabelSet
 from .progress import Progress
 from .model import CLASSES, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
-from .score import COCOEvaluator, evaluate_all
+from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
 
 @dataclasses.dataclass
@@ -145,8 +145,8 @@ def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict
 def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """The architecture and weights of a training checkpoint (its EMA where it has one, as
     last.pt does; best.pt holds the EMA already) or of a model folder such as engines/, and what
-    a checkpoint records of its run (epoch, val metrics, training config: None in checkpoints
-    written before it was recorded; nothing for a folder)."""
+    a checkpoint records of its run (epoch, val metrics, training config, the count threshold
+    chosen for best.pt: None in checkpoints written without them; nothing for a folder)."""
     path = Path(path)
     if path.is_dir():
         model, card = load_model(path)
@@ -155,7 +155,8 @@ def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     state = ck["ema"] if "ema" in ck else ck["model"]
     return (ModelConfig.from_dict(json.loads(ck["model_config"])),
             {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"},
-            {"epoch": ck.get("epoch"), "val": ck.get("val", {}), "config": json.loads(ck.get("train_config", "null"))})
+            {"epoch": ck.get("epoch"), "val": ck.get("val", {}), "config": json.loads(ck.get("train_config", "null")),
+             "count_threshold": json.loads(ck.get("count_threshold", "null"))})
 
 
 def averaged_weights(paths: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -357,5 +358,30 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
     if not (out_dir / "best.pt").exists():
         torch.save({"model": ema.module.state_dict(), "epoch": history[-1]["epoch"], "val": {}, **described()},
                    out_dir / "best.pt")
-    return {"best_val_AP": best_ap, "epochs": history[-1]["epoch"], "steps": step,
+    chosen = choose_count_threshold_for(out_dir / "best.pt", [(train_ds, train_labels), (val_ds, val_labels)], dev)
+    log(f"count threshold {chosen['count']}: per-image count MAE summed over the classes {chosen['sum_of_MAE']:.3f} "
+        f"on {chosen['images']} training and val fields")
+    return {"best_val_AP": best_ap, "epochs": history[-1]["epoch"], "steps": step, "count_threshold": chosen["count"],
             "train_seconds": time.monotonic() - t_start, "history": history}
+
+
+def choose_count_threshold_for(checkpoint: Path, sets: list[tuple[DetectionDataset | None, LabelSet | None]],
+                               device) -> dict:
+    """Choose the count threshold of `checkpoint`'s weights on the fields of `sets` (the run's train
+    and val sets: one fitted to val alone would be tuned to the fields it is reported on) and
+    record it in the checkpoint, where export-weights finds it for the card."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig.from_dict(json.loads(ck["model_config"])))
+    model.load_state_dict(ck["model"])
+    model.to(device)
+    gt, preds = {}, {}
+    for ds, labels in sets:
+        if ds is not None:
+            preds.update(predict(model, ds, device))
+            gt.update({it[0]: labels.records[it[0]] for it in ds.items})
+    chosen = choose_count_threshold(gt, preds)
+    ck["count_threshold"] = json.dumps(chosen)
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save(ck, tmp)
+    tmp.replace(checkpoint)
+    return chosen

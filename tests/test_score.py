@@ -39,6 +39,19 @@ def test_class_without_ground_truth_is_minus_one_and_count_errors_are_signed():
     assert counts["per_class"]["RBC"] == {"MAE": 0.5, "mean_signed_error": 0.5}
 
 
+def test_count_threshold_is_the_lowest_with_the_least_count_error():
+    from bccd_batch.score import choose_count_threshold
+
+    preds = as_preds(GT, score=0.7)
+    preds["a.jpg"].append(("RBC", 0.3, 0, 0, 50, 50))           # a false RBC: counted below 0.35
+    preds["b.jpg"].append(("Platelets", 0.5, 0, 400, 40, 440))   # a false platelet: counted below 0.55
+    chosen = choose_count_threshold(GT, preds)
+    # 0.55-0.70 count every labelled cell and nothing else; above 0.70 nothing is counted.
+    assert chosen["count"] == 0.55 and chosen["sum_of_MAE"] == 0 and chosen["images"] == 2
+    by_t = chosen["sum_of_MAE_by_threshold"]
+    assert by_t[0.3] == pytest.approx(0.5 + 0.5) and by_t[0.5] == pytest.approx(0.5) and by_t[0.75] == pytest.approx(2.0)
+
+
 def test_match_counts_and_confusion():
     from bccd_batch.score import MatchEvaluator
 

@@ -9,6 +9,7 @@ import torch
 from bccd_batch.cli import export_weights
 from bccd_batch.labels import read_labels
 from bccd_batch.model import ModelConfig, load_model, read_card
+from bccd_batch.score import COUNT_THRESHOLDS
 from bccd_batch.train import TrainConfig, train
 from conftest import MODEL, cli
 
@@ -38,6 +39,9 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
     assert card["training"]["data"] == "two BCCD images"
     run = card["training"]["config"]   # how the weights were trained, from the checkpoint itself
     assert (run["epochs"], run["batch_size"], run["lr"], run["train_images"], run["device"]) == (8, 2, 0.01, 2, "cpu")
+    # The count threshold train chose for best.pt on its fields (here the two, as train and val).
+    assert card["thresholds"]["count"] == summary["count_threshold"] in COUNT_THRESHOLDS
+    assert card["threshold_choice"]["count"].startswith(f"{summary['count_threshold']} minimises")
     with torch.no_grad():
         out = model([torch.rand(3, 480, 640)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
@@ -67,8 +71,10 @@ def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
     saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
     export_weights([tmp_path / "run" / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
-    training = read_card(tmp_path / "model")["training"]
+    card = read_card(tmp_path / "model")
+    training = card["training"]
     assert training["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
+    assert card["thresholds"]["count"] == 0.5 and "threshold_choice" not in card   # chosen for best.pt only
     assert training["from_scratch"] is True   # the shipped model was, so a fine-tune of it is
 
 
