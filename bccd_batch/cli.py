@@ -84,7 +84,8 @@ def train(
     time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count (at most --epochs) is fitted to it after 3 and 20 epochs."),
     export: Optional[Path] = typer.Option(None, help="Also write the best weights + model card to this folder."),
 ) -> None:
-    """Train the Faster R-CNN from scratch (AMP on CUDA), keeping the best checkpoint by val AP."""
+    """Train the Faster R-CNN from scratch (AMP on CUDA), keeping the best checkpoint by val AP, and
+    choose that checkpoint's count threshold on the train and val fields by per-image count error."""
     import torch
 
     from .labels import LabelError, read_labels
