@@ -135,10 +135,13 @@ def predict(model, dataset: DetectionDataset, device, batch_size: int = 8) -> di
     return out
 
 
+def labelled_predictions(model, dataset: DetectionDataset, labels: LabelSet, device) -> tuple[dict, dict]:
+    """(labels, detections) of every field of `dataset`, keyed alike, as the evaluators take them."""
+    return {it[0]: labels.records[it[0]] for it in dataset.items}, predict(model, dataset, device)
+
+
 def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict:
-    preds = predict(model, dataset, device)
-    gt = {it[0]: labels.records[it[0]] for it in dataset.items}
-    (coco,) = evaluate_all([COCOEvaluator()], gt, preds)
+    (coco,) = evaluate_all([COCOEvaluator()], *labelled_predictions(model, dataset, labels, device))
     return coco
 
 
@@ -152,11 +155,16 @@ def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         model, card = load_model(path)
         return ModelConfig.from_dict(card["architecture"]), model.state_dict(), {}
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    state = ck["ema"] if "ema" in ck else ck["model"]
-    return (ModelConfig.from_dict(json.loads(ck["model_config"])),
-            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"},
+    return (*_checkpoint_model(ck),
             {"epoch": ck.get("epoch"), "val": ck.get("val", {}), "config": json.loads(ck.get("train_config", "null")),
              "count_threshold": json.loads(ck.get("count_threshold", "null"))})
+
+
+def _checkpoint_model(ck: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A loaded checkpoint's architecture and weights: its EMA where it has one."""
+    state = ck["ema"] if "ema" in ck else ck["model"]
+    return (ModelConfig.from_dict(json.loads(ck["model_config"])),
+            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
 
 
 def averaged_weights(paths: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -371,14 +379,16 @@ def choose_count_threshold_for(checkpoint: Path, sets: list[tuple[DetectionDatas
     and val sets: one fitted to val alone would be tuned to the fields it is reported on) and
     record it in the checkpoint, where export-weights finds it for the card."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = build_model(ModelConfig.from_dict(json.loads(ck["model_config"])))
-    model.load_state_dict(ck["model"])
+    cfg, state = _checkpoint_model(ck)
+    model = build_model(cfg)
+    model.load_state_dict(state)
     model.to(device)
     gt, preds = {}, {}
     for ds, labels in sets:
         if ds is not None:
-            preds.update(predict(model, ds, device))
-            gt.update({it[0]: labels.records[it[0]] for it in ds.items})
+            ds_gt, ds_preds = labelled_predictions(model, ds, labels, device)
+            gt.update(ds_gt)
+            preds.update(ds_preds)
     chosen = choose_count_threshold(gt, preds)
     ck["count_threshold"] = json.dumps(chosen)
     tmp = checkpoint.with_suffix(".tmp")
