@@ -15,16 +15,15 @@ import torch
 from bccd_batch.labels import read_labels
 from bccd_batch.model import load_model
 from bccd_batch.score import choose_count_threshold
-from bccd_batch.train import DetectionDataset, predict
+from bccd_batch.train import DetectionDataset, labelled_predictions
 
 model_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "engines")
 root = Path(sys.argv[2] if len(sys.argv) > 2 else "../shared/data/bccd")
 torch.set_num_threads(2)
 labels = read_labels(root, root / "ImageSets/Main/trainval.txt")
 ds = DetectionDataset(labels, root / "JPEGImages", train=False)
-model, card = load_model(model_dir)
-preds = predict(model, ds, "cpu", batch_size=4)   # fields that did not decode are left out of both
-chosen = choose_count_threshold({k: labels.records[k] for k in preds}, preds)
+model, _ = load_model(model_dir)
+chosen = choose_count_threshold(*labelled_predictions(model, ds, labels, "cpu"))
 for t, total in chosen["sum_of_MAE_by_threshold"].items():
     print(f"{t:.2f} sum of per-class MAE {total:.3f}")
 print(f"best count threshold {chosen['count']} (" + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items())
