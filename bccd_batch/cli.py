@@ -173,6 +173,8 @@ def run(
     slides: Path = typer.Argument(..., help="Folder of slides: each first-level subfolder is one slide."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
     labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
+    bootstrap: int = typer.Option(200, min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
+                                                   "(about 2 s for 87 fields, 8 s for 292); 0: none."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
     engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
     device: str = typer.Option("auto", "--device", "--devices", envvar="BCCD_BATCH_DEVICE",
@@ -222,7 +224,7 @@ def run(
     code = result.exit_code
     if labels is not None and result.info["status"] == "finished":
         try:
-            _score_run(out, result.name, labels)
+            _score_run(out, result.name, labels, bootstrap)
         except LabelError as e:
             raise _fail(str(e))
     report = _render(out, result.name)
@@ -234,13 +236,14 @@ def run(
     raise typer.Exit(code)
 
 
-def _score_run(out: Path, run_name: str, labels: Path) -> dict:
+def _score_run(out: Path, run_name: str, labels: Path, resamples: int) -> dict:
     from .score import score_run
 
-    metrics = score_run(out, run_name, labels)
-    s = metrics["coco"]["stats"]
+    metrics = score_run(out, run_name, labels, resamples)
+    s, ci = metrics["coco"]["stats"], metrics["coco"].get("intervals")
     gaps = len(metrics["label_gaps"]["fields"])
     typer.echo(f"scored {metrics['n_images_scored']} labelled images: AP {s['AP']:.3f}, AP50 {s['AP50']:.3f}"
+               + (f" (95% over fields: {ci['AP'][0]:.3f}-{ci['AP'][1]:.3f}, {ci['AP50'][0]:.3f}-{ci['AP50'][1]:.3f})" if ci else "")
                + (f"; {gaps} whose labels may omit a class (the report names them)" if gaps else ""), err=True)
     if metrics["processed_later"]:
         typer.echo(f"note: {metrics['processed_later']} of {run_name}'s fields were processed again by a later run; "
@@ -278,6 +281,8 @@ def report(
 def score(
     run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
     labels: Path = typer.Option(..., help="VOC folder, CSV or COCO JSON."),
+    bootstrap: int = typer.Option(200, min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
+                                                   "(about 2 s for 87 fields, 8 s for 292); 0: none."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
 ) -> None:
     """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""
@@ -287,7 +292,7 @@ def score(
 
     try:
         name = resolve_run_name(out, run_name)
-        _score_run(out, name, labels)
+        _score_run(out, name, labels, bootstrap)
         _render(out, name)
     except (LabelError, FileNotFoundError, StoreError) as e:
         raise _fail(str(e))

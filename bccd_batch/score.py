@@ -7,6 +7,7 @@ A prediction is `(cls, score, x0, y0, x1, y1)` in pixels; a ground-truth record 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -22,9 +23,11 @@ COCO_STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
 
 
 class COCOEvaluator:
-    """The 12 COCO numbers and per-class AP/AP50 through pycocotools, on the labels as given."""
+    """The 12 COCO numbers and per-class AP/AP50 through pycocotools, on the labels as given; with
+    `resamples`, also their 95% bootstrap intervals over the scored fields (`field_intervals`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, resamples: int = 0) -> None:
+        self.resamples = resamples
         self.reset()
 
     def reset(self) -> None:
@@ -73,8 +76,48 @@ class COCOEvaluator:
                 "pr50": [round(float(p), 4) for p in at50],
                 "n_gt": sum(1 for a in self._anns if a["category_id"] == k + 1),
             }
-        return {"stats": {n: float(v) for n, v in zip(COCO_STAT_NAMES, ev.stats)},
-                "per_class": per_class, "n_images": len(self._images)}
+        out = {"stats": {n: float(v) for n, v in zip(COCO_STAT_NAMES, ev.stats)},
+               "per_class": per_class, "n_images": len(self._images)}
+        if self.resamples:
+            out["intervals"] = field_intervals(ev, self.resamples)
+        return out
+
+
+def field_intervals(ev, resamples: int, seed: int = 0) -> dict:
+    """95% percentile-bootstrap intervals of AP and AP50, overall and per class, over the fields of
+    an evaluated, accumulated pycocotools COCOeval: how far the figures could move on another set of
+    fields like these (87 val fields: about ±0.03 AP). Each resample draws the fields with
+    replacement and re-accumulates their per-field matches (`evalImgs`, all areas, 100 detections),
+    so the matching is done once: 10-15 ms a resample per 100 fields."""
+    pe = ev._paramsEval
+    n_img, n_area, n_cls = len(pe.imgIds), len(pe.areaRng), len(pe.catIds)
+    params = copy.deepcopy(pe)
+    # Fields drawn twice need ids of their own; "all" areas and the largest maxDets are index 0 / -1.
+    params.imgIds = list(range(n_img))
+    params.areaRng, params.areaRngLbl, params.maxDets = pe.areaRng[:1], pe.areaRngLbl[:1], pe.maxDets[-1:]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        fields = rng.integers(0, n_img, n_img)
+        r = copy.copy(ev)
+        r.params = r._paramsEval = params
+        # evalImgs is ordered category, area, field.
+        r.evalImgs = [ev.evalImgs[k * n_area * n_img + i] for k in range(n_cls) for i in fields]
+        with contextlib.redirect_stdout(io.StringIO()):
+            r.accumulate()
+        precision = r.eval["precision"][:, :, :, 0, 0]   # [IoU thresholds, recall points, classes]
+        figures = {"AP": precision, "AP50": precision[0]}
+        for k, cls in enumerate(CLASSES):
+            figures[f"{cls} AP"], figures[f"{cls} AP50"] = precision[:, :, k], precision[0, :, k]
+        for name, a in figures.items():
+            draws.setdefault(name, []).append(_mean_valid(a))
+
+    def interval(name: str) -> list[float]:
+        valid = [v for v in draws[name] if v > -1]   # a resample without a class's fields has no AP for it
+        return [round(float(q), 4) for q in np.percentile(valid, [2.5, 97.5])] if valid else [-1.0, -1.0]
+
+    return {"resamples": resamples, "level": 0.95, "AP": interval("AP"), "AP50": interval("AP50"),
+            "per_class": {c: {"AP": interval(f"{c} AP"), "AP50": interval(f"{c} AP50")} for c in CLASSES}}
 
 
 def _mean_valid(a: np.ndarray) -> float:
@@ -248,8 +291,9 @@ def resolve_run_name(out: Path, run_name: str) -> str:
     return Path(os.readlink(link)).name
 
 
-def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
-    """Score a stored run against labels; writes metrics.json in the run folder and the store."""
+def score_run(out: Path, run_name: str, labels_path: Path, resamples: int) -> dict:
+    """Score a stored run against labels; writes metrics.json in the run folder and the store.
+    `resamples`: bootstrap resamples of the fields for intervals of AP and AP50 (0: none)."""
     from .outputs import atomic_write, gather, stored_run
     from .store import STORE_NAME, Store
 
@@ -270,7 +314,7 @@ def score_run(out: Path, run_name: str, labels_path: Path) -> dict:
                 gt[rel] = {**rec, "width": row["width"], "height": row["height"]}
         preds = {rel: data["detections"][rel] for rel in gt}
         coco, counting, matching, label_gaps = evaluate_all(
-            [COCOEvaluator(), CountEvaluator(threshold), MatchEvaluator(threshold), LabelGapEvaluator()], gt, preds)
+            [COCOEvaluator(resamples), CountEvaluator(threshold), MatchEvaluator(threshold), LabelGapEvaluator()], gt, preds)
         metrics = {
             "run": run_name, "labels": str(labels_path), "n_images_scored": len(gt),
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),

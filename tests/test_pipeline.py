@@ -70,9 +70,11 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     cli("report", runs[2], "--out", out, check_rc=0)
     assert "a later run had processed 6 of this run" in (out / "runs" / runs[2] / "report.html").read_text()
     assert "later run" not in (out / "latest" / "report.html").read_text()
-    scored = cli("score", runs[2], "--labels", bccd, "--out", out, check_rc=0)
+    scored = cli("score", runs[2], "--labels", bccd, "--out", out, "--bootstrap", "0", check_rc=0)
     assert "5 of" in scored.stderr and "scored on that run's result" in scored.stderr
-    assert json.loads((out / "runs" / runs[2] / "metrics.json").read_text())["processed_later"] == 5
+    metrics = json.loads((out / "runs" / runs[2] / "metrics.json").read_text())
+    assert metrics["processed_later"] == 5 and "intervals" not in metrics["coco"]   # --bootstrap 0: none
+    assert "95% over fields" not in scored.stderr
 
 
 def test_usage_errors_exit_2(tmp_path, slides):

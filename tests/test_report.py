@@ -199,3 +199,9 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     assert metrics["coco"]["stats"]["AP"] == pytest.approx(ev.stats[0], abs=1e-9)
     assert metrics["coco"]["stats"]["AP50"] == pytest.approx(ev.stats[1], abs=1e-9)
     assert metrics["coco"]["stats"]["AP"] > 0.4   # the embedded model is real, not a placeholder
+    # `run --labels` adds 95% intervals over the fields (bootstrap, default 200 resamples) to the
+    # metrics and the report (their arithmetic: test_score.py).
+    ci = metrics["coco"]["intervals"]
+    assert ci["resamples"] == 200 and ci["AP"][0] <= ci["AP"][1] and ci["AP50"][0] <= ci["AP50"][1]
+    html = (out / "latest" / "report.html").read_text()
+    assert 'id="intervals"' in html and f"AP {ci['AP'][0]:.3f}–{ci['AP'][1]:.3f}" in html

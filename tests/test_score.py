@@ -75,3 +75,57 @@ def test_label_gaps_name_classes_the_labels_leave_out_of_a_field():
     gaps, = evaluate_all([LabelGapEvaluator(0.9)], GT, preds)
     assert gaps["fields"] == {"a.jpg": {"Platelets": 2}}
     assert gaps["per_class"] == {"RBC": 0, "WBC": 0, "Platelets": 1}
+
+
+def _varied_fields(n: int, seed: int = 1):
+    """n synthetic fields with misses, false alarms and loose boxes in varying measure."""
+    import random
+
+    rnd = random.Random(seed)
+    gt, preds = {}, {}
+    for i in range(n):
+        boxes = [(rnd.choice(["RBC", "RBC", "WBC", "Platelets"]), x, y, x + 60, y + 60)
+                 for x, y in ((rnd.randrange(0, 560), rnd.randrange(0, 400)) for _ in range(rnd.randint(2, 6)))]
+        key = f"f{i:02d}.jpg"
+        gt[key] = {"width": 640, "height": 480, "boxes": boxes}
+        preds[key] = [(c, rnd.random(), x0 + rnd.randint(-15, 15), y0, x1, y1) for c, x0, y0, x1, y1 in boxes
+                      if rnd.random() < 0.8]
+        preds[key] += [(rnd.choice(["RBC", "Platelets"]), rnd.random(), 0, 0, 40, 40) for _ in range(rnd.randint(0, 2))]
+    return gt, preds
+
+
+def test_field_intervals_equal_scoring_each_resample_afresh():
+    """The fast intervals re-accumulate pycocotools' per-field matches; scoring each resampled set of
+    fields from scratch (fields drawn twice scored twice) with the same draws must give the same."""
+    import numpy as np
+
+    gt, preds = _varied_fields(12)
+    (coco,) = evaluate_all([COCOEvaluator(resamples=40)], gt, preds)
+    keys, rng, draws = sorted(gt), np.random.default_rng(0), {}
+    for _ in range(40):
+        ev = COCOEvaluator()
+        for i in rng.integers(0, len(keys), len(keys)):
+            ev.process(keys[i], gt[keys[i]], preds[keys[i]])
+        c = ev.evaluate()
+        for name, v in [("AP", c["stats"]["AP"]), ("AP50", c["stats"]["AP50"])] + [
+                (f"{cls} {m}", pc[m]) for cls, pc in c["per_class"].items() for m in ("AP", "AP50")]:
+            draws.setdefault(name, []).append(v)
+
+    def interval(name):
+        valid = [v for v in draws[name] if v > -1]
+        return [round(float(q), 4) for q in np.percentile(valid, [2.5, 97.5])]
+
+    ci = coco["intervals"]
+    assert ci["resamples"] == 40 and ci["AP"] == interval("AP") and ci["AP50"] == interval("AP50")
+    for cls, pc in ci["per_class"].items():
+        assert pc == {"AP": interval(f"{cls} AP"), "AP50": interval(f"{cls} AP50")}
+    assert ci["AP"][0] < coco["stats"]["AP"] < ci["AP"][1]   # varied fields: a real spread around the figure
+
+
+def test_field_intervals_collapse_when_every_field_is_alike():
+    gt, preds = _varied_fields(1)
+    (field,), (dets,) = gt.values(), preds.values()
+    gt = {f"c{i}.jpg": field for i in range(8)}
+    (coco,) = evaluate_all([COCOEvaluator(resamples=20)], gt, {k: dets for k in gt})
+    assert coco["intervals"]["AP"] == [round(coco["stats"]["AP"], 4)] * 2
+    assert coco["intervals"]["AP50"] == [round(coco["stats"]["AP50"], 4)] * 2
