@@ -174,7 +174,7 @@ def run(
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
     labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
     bootstrap: int = typer.Option(200, min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
-                                                   "(about 2 s for 87 fields, 8 s for 292); 0: none."),
+                                                   "(~6 s for 292 fields on 2 CPU cores); 0: none."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
     engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
     device: str = typer.Option("auto", "--device", "--devices", envvar="BCCD_BATCH_DEVICE",
@@ -282,7 +282,7 @@ def score(
     run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
     labels: Path = typer.Option(..., help="VOC folder, CSV or COCO JSON."),
     bootstrap: int = typer.Option(200, min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
-                                                   "(about 2 s for 87 fields, 8 s for 292); 0: none."),
+                                                   "(~6 s for 292 fields on 2 CPU cores); 0: none."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
 ) -> None:
     """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""

@@ -88,7 +88,7 @@ def field_intervals(ev, resamples: int, seed: int = 0) -> dict:
     an evaluated, accumulated pycocotools COCOeval: how far the figures could move on another set of
     fields like these (87 val fields: about ±0.03 AP). Each resample draws the fields with
     replacement and re-accumulates their per-field matches (`evalImgs`, all areas, 100 detections),
-    so the matching is done once: 10-15 ms a resample per 100 fields."""
+    so the matching is done once: 200 resamples of 292 fields take ~6 s on 2 CPU cores."""
     pe = ev._paramsEval
     n_img, n_area, n_cls = len(pe.imgIds), len(pe.areaRng), len(pe.catIds)
     params = copy.deepcopy(pe)
