@@ -67,11 +67,9 @@ class COCOEvaluator:
         precision = ev.eval["precision"]
         per_class = {}
         for k, cls in enumerate(CLASSES):
-            all_t = precision[:, :, k, 0, -1]
             at50 = precision[0, :, k, 0, -1]
             per_class[cls] = {
-                "AP": _mean_valid(all_t),
-                "AP50": _mean_valid(at50),
+                **_ap_ap50(precision[:, :, k, 0, -1]),
                 # Recall points 0..1 step 0.01 at IoU 0.5: the PR curve the report draws.
                 "pr50": [round(float(p), 4) for p in at50],
                 "n_gt": sum(1 for a in self._anns if a["category_id"] == k + 1),
@@ -106,11 +104,11 @@ def field_intervals(ev, resamples: int, seed: int = 0) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             r.accumulate()
         precision = r.eval["precision"][:, :, :, 0, 0]   # [IoU thresholds, recall points, classes]
-        figures = {"AP": precision, "AP50": precision[0]}
+        figures = _ap_ap50(precision)
         for k, cls in enumerate(CLASSES):
-            figures[f"{cls} AP"], figures[f"{cls} AP50"] = precision[:, :, k], precision[0, :, k]
-        for name, a in figures.items():
-            draws.setdefault(name, []).append(_mean_valid(a))
+            figures.update({f"{cls} {m}": v for m, v in _ap_ap50(precision[:, :, k]).items()})
+        for name, v in figures.items():
+            draws.setdefault(name, []).append(v)
 
     def interval(name: str) -> list[float]:
         valid = [v for v in draws[name] if v > -1]   # a resample without a class's fields has no AP for it
@@ -118,6 +116,12 @@ def field_intervals(ev, resamples: int, seed: int = 0) -> dict:
 
     return {"resamples": resamples, "level": 0.95, "AP": interval("AP"), "AP50": interval("AP50"),
             "per_class": {c: {"AP": interval(f"{c} AP"), "AP50": interval(f"{c} AP50")} for c in CLASSES}}
+
+
+def _ap_ap50(precision: np.ndarray) -> dict[str, float]:
+    """AP and AP50 from pycocotools' precision at one area range and maxDets, [IoU thresholds,
+    recall points] or with a class axis after them: the means over the entries that have one."""
+    return {"AP": _mean_valid(precision), "AP50": _mean_valid(precision[0])}
 
 
 def _mean_valid(a: np.ndarray) -> float:
