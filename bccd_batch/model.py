@@ -128,7 +128,7 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
 def build_model(cfg: ModelConfig) -> FasterRCNN:
     backbone = _backbone(cfg)
     anchors = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,) * len(cfg.anchor_sizes))
-    rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
+    rpn_head = Float32RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
     box_head = FastRCNNConvFCHead(
         (cfg.fpn_channels, 7, 7), list(cfg.box_head_convs), [cfg.box_head_fc], norm_layer=nn.BatchNorm2d
@@ -164,6 +164,18 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     model.config = cfg  # what the split engines' own glue reads (NMS kind, thresholds)
     set_inference_size(model, cfg)
     return model
+
+
+class Float32RPNHead(RPNHead):
+    """RPNHead with float32 outputs under autocast. torchvision decodes the proposals in the dtype of
+    the RPN's deltas and then converts the ground truth to the proposals' dtype to make the box
+    head's regression targets: in bfloat16 (8 significant bits) that moved ground-truth edges by up
+    to 2 px at training scales (4 px beyond 1,024) and computed the targets themselves in bfloat16.
+    Outside autocast the outputs are float32 already and this changes nothing."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
 
 
 class ClassBalancedSampler(BalancedPositiveNegativeSampler):

@@ -83,3 +83,22 @@ def test_class_balanced_sampler_gives_the_rare_class_its_share():
     # Fewer positives than the quota: all of them, as torchvision does.
     few = torch.tensor([1] * 10 + [3] * 2 + [0] * 500)
     assert int(ClassBalancedSampler(256, 0.25)([few])[0][0].sum()) == 12
+
+
+def _two_cells():
+    return [torch.rand(3, 480, 640)], [{"boxes": torch.tensor([[101.3, 203.7, 151.9, 251.1], [400.2, 300.6, 431.4, 333.3]]),
+                                        "labels": torch.tensor([1, 3])}]
+
+
+def test_box_head_targets_are_float32_under_bf16_autocast():
+    """torchvision matches ground truth in the proposals' dtype: with bfloat16 RPN outputs the box
+    head's ground truth moved by up to 2 px and its targets were bfloat16."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).train()
+    seen = []
+    sample = model.roi_heads.select_training_samples
+    model.roi_heads.select_training_samples = lambda p, t: seen.append(sample(p, t)) or seen[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*_two_cells())
+    proposals, _, _, targets = seen[0]
+    assert proposals[0].dtype == targets[0].dtype == torch.float32
