@@ -76,6 +76,7 @@ def train(
     copy_paste: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of pasting platelets from other fields into a training sample."),
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
+    cascade: Optional[str] = typer.Option(None, help="IoU thresholds of further box heads, Cascade R-CNN style, e.g. 0.6,0.7."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
@@ -106,7 +107,12 @@ def train(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, channels_last=channels_last)
-    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes)
+    try:
+        cascade_ious = tuple(float(t) for t in cascade.split(",")) if cascade else ()
+    except ValueError:
+        raise _fail(f"--cascade takes IoU thresholds separated by commas, not {cascade!r}")
+    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
+                                           cascade_ious=cascade_ious)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
                f"{len(val_labels.records) if val_labels else 0}", err=True)
     summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,

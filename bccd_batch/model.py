@@ -23,6 +23,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.boxes import clip_boxes_to_image
@@ -65,6 +66,10 @@ class ModelConfig:
     # (`ClassBalancedSampler`) instead of shares in proportion to its instances (~20 RBCs to 1-2
     # platelets per field).
     box_class_balanced: bool = False
+    # Cascade R-CNN (Cai and Vasconcelos, 2018): one more box head per IoU threshold here, each
+    # trained on the boxes the head before it refined, matched at that threshold; at test time the
+    # last head places the boxes and the class scores are the heads' mean. Empty: one box head.
+    cascade_ious: tuple[float, ...] = ()
     # Duplicate removal within a class (nms.py): "matrix" (Gaussian Matrix NMS, sigma) or "hard"
     # (greedy NMS at box_nms_thresh). Cards written before this choice existed mean "hard".
     box_nms: str = "matrix"
@@ -130,9 +135,6 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     anchors = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,) * len(cfg.anchor_sizes))
     rpn_head = Float32RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
-    box_head = FastRCNNConvFCHead(
-        (cfg.fpn_channels, 7, 7), list(cfg.box_head_convs), [cfg.box_head_fc], norm_layer=nn.BatchNorm2d
-    )
     model = FasterRCNN(
         backbone,
         num_classes=None,
@@ -147,20 +149,23 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         box_roi_pool=roi_pool,
-        box_head=box_head,
+        box_head=_box_head(cfg),
         box_predictor=FastRCNNPredictor(cfg.box_head_fc, len(CLASSES) + 1),
         box_score_thresh=cfg.detection_threshold,
         box_nms_thresh=cfg.box_nms_thresh,
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
+    if cfg.cascade_ious:
+        model.roi_heads = CascadeRoIHeads(model.roi_heads, cfg)
     if cfg.box_class_balanced:
         model.roi_heads.fg_bg_sampler = ClassBalancedSampler(cfg.box_batch_size_per_image, 0.25)
-    # FasterRCNN builds its RoIHeads itself: keep torchvision's forward, swap only its last step,
-    # so the eager model and the split engines share one post-processing (nms.py). Bound to the
-    # box coder, not the heads: a heads -> partial -> heads cycle would keep a dropped model (and
-    # its GPU memory) alive until the cyclic GC happened to run.
-    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, model.roi_heads.box_coder)
+    # FasterRCNN builds its RoIHeads itself: keep torchvision's forward (a cascade has its own),
+    # swap only its last step, so the eager model and the split engines share one post-processing
+    # (nms.py). Bound to the (last head's) box coder, not the heads: a heads -> partial -> heads
+    # cycle would keep a dropped model (and its GPU memory) alive until the cyclic GC happened to run.
+    last = model.roi_heads.stages[-1] if cfg.cascade_ious else model.roi_heads
+    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, last.box_coder)
     model.config = cfg  # what the split engines' own glue reads (NMS kind, thresholds)
     set_inference_size(model, cfg)
     return model
@@ -176,6 +181,60 @@ class Float32RPNHead(RPNHead):
     def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits, deltas = super().forward(x)
         return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+def _box_head(cfg: ModelConfig) -> FastRCNNConvFCHead:
+    return FastRCNNConvFCHead((cfg.fpn_channels, 7, 7), list(cfg.box_head_convs), [cfg.box_head_fc], norm_layer=nn.BatchNorm2d)
+
+
+class CascadeRoIHeads(RoIHeads):
+    """torchvision's RoI heads (boxes only) followed by one more head per `cfg.cascade_ious`, each
+    a RoIHeads of its own (head, predictor, matcher at its IoU threshold, box coder) that reads the
+    RoI features of the boxes the head before it refined. The first head keeps its place and names,
+    so its weights load into a one-head model as they are."""
+
+    # Cascade R-CNN's settings: each later head's box deltas are smaller (its boxes start closer), so
+    # their coding is scaled up to keep the regression targets' spread; its losses count less.
+    STAGE_REG_WEIGHTS = ((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0), (40.0, 40.0, 20.0, 20.0))
+    STAGE_LOSS_WEIGHTS = (0.5, 0.25, 0.125)
+
+    def __init__(self, first: RoIHeads, cfg: ModelConfig):
+        super().__init__(first.box_roi_pool, first.box_head, first.box_predictor, 0.5, 0.5, cfg.box_batch_size_per_image,
+                         0.25, None, cfg.detection_threshold, cfg.box_nms_thresh, cfg.detections_per_img)
+        if len(cfg.cascade_ious) > len(self.STAGE_REG_WEIGHTS):
+            raise ModelError(f"at most {len(self.STAGE_REG_WEIGHTS)} cascade stages, not {len(cfg.cascade_ious)}")
+        self.stages = nn.ModuleList(
+            RoIHeads(first.box_roi_pool, _box_head(cfg), FastRCNNPredictor(cfg.box_head_fc, len(CLASSES) + 1),
+                     iou, iou, cfg.box_batch_size_per_image, 0.25, w, cfg.detection_threshold, cfg.box_nms_thresh,
+                     cfg.detections_per_img)
+            for iou, w in zip(cfg.cascade_ious, self.STAGE_REG_WEIGHTS))
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        heads = [self, *self.stages]
+        losses, probs = {}, []
+        for k, h in enumerate(heads):
+            if self.training:
+                proposals, _, labels, regression_targets = h.select_training_samples(proposals, targets)
+            logits, deltas = h.box_predictor(h.box_head(self.box_roi_pool(features, proposals, image_shapes)))
+            if self.training:
+                w = 1.0 if k == 0 else self.STAGE_LOSS_WEIGHTS[k - 1]
+                cls_loss, box_loss = fastrcnn_loss(logits, deltas, labels, regression_targets)
+                losses[f"loss_classifier{k or ''}"], losses[f"loss_box_reg{k or ''}"] = w * cls_loss, w * box_loss
+            else:
+                probs.append(torch.softmax(logits, -1))
+            if k + 1 < len(heads):
+                # The next head's proposals: each RoI's box for its class (the labelled class of a
+                # positive in training, else the most likely foreground class), not learned through.
+                best = logits[:, 1:].argmax(1) + 1
+                cls = torch.where(torch.cat(labels) > 0, torch.cat(labels), best) if self.training else best
+                boxes = h.box_coder.decode(deltas.detach().float(), proposals)[torch.arange(len(cls)), cls]
+                proposals = [clip_boxes_to_image(b, hw) for b, hw in zip(boxes.split([len(p) for p in proposals]), image_shapes)]
+        if self.training:
+            return [], losses
+        # postprocess_detections takes logits: the log of the heads' mean probability is one whose
+        # softmax is that mean.
+        boxes, scores, labels = self.postprocess_detections(torch.stack(probs).mean(0).log(), deltas, proposals, image_shapes)
+        return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)], {}
 
 
 class ClassBalancedSampler(BalancedPositiveNegativeSampler):

@@ -32,7 +32,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from ..model import Uploads, arrays_to_tuples, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
-from . import field_hw, one_ahead
+from . import EngineError, field_hw, one_ahead
 
 NATIVE_HW = (480, 640)
 
@@ -75,6 +75,8 @@ class DenseStage(nn.Module):
 class BoxStage(nn.Module):
     def __init__(self, model: FasterRCNN):
         super().__init__()
+        if model.config.cascade_ious:
+            raise EngineError("the split engines hold one box head, this model has a cascade of them: use --engine torch")
         self.box_head = model.roi_heads.box_head
         self.box_predictor = model.roi_heads.box_predictor
 
