@@ -93,6 +93,13 @@ def train(
     from .model import ModelConfig
     from .train import TrainConfig, train as run_training
 
+    try:
+        cascade_ious = tuple(float(t) for t in cascade.split(",")) if cascade else ()
+        valid = all(0 < t < 1 for t in cascade_ious)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {cascade!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     src = labels or data
@@ -107,10 +114,6 @@ def train(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, channels_last=channels_last)
-    try:
-        cascade_ious = tuple(float(t) for t in cascade.split(",")) if cascade else ()
-    except ValueError:
-        raise _fail(f"--cascade takes IoU thresholds separated by commas, not {cascade!r}")
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
                                            cascade_ious=cascade_ious)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "

@@ -106,7 +106,7 @@ def test_box_head_targets_are_float32_under_bf16_autocast():
     assert proposals[0].dtype == targets[0].dtype == torch.float32
 
 
-def test_cascade_of_identical_heads_without_box_deltas_is_the_one_head_model(tmp_path):
+def test_cascade_of_identical_heads_without_box_deltas_is_the_one_head_model():
     """With every head a copy of the first and box deltas of zero, each head sees the same RoIs and
     gives the same probabilities, so the cascade (mean of heads, last head's boxes) must give the
     one-head model's detections: what is left to differ is the plumbing between the heads."""

@@ -59,6 +59,9 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     run = card["training"]["config"]
     assert (run["lr"], run["weight_decay"], run["mosaic"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 7, 2)
     assert card["architecture"]["test_min_size"] == 320 and card["architecture"]["cascade_ious"] == [0.6]
+    for bad in ("0.6,x", "0.6,7"):
+        r = cli("train", "--data", bccd, "--out", tmp_path / "bad", "--cascade", bad, check_rc=2)
+        assert "--cascade takes IoU thresholds" in r.stderr
 
 
 def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
