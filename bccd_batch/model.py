@@ -199,14 +199,16 @@ class CascadeRoIHeads(RoIHeads):
     STAGE_LOSS_WEIGHTS = (0.5, 0.25, 0.125)
 
     def __init__(self, first: RoIHeads, cfg: ModelConfig):
-        super().__init__(first.box_roi_pool, first.box_head, first.box_predictor, 0.5, 0.5, cfg.box_batch_size_per_image,
-                         0.25, None, cfg.detection_threshold, cfg.box_nms_thresh, cfg.detections_per_img)
+        # Every head samples and thresholds as the one FasterRCNN built; only the IoU and coding differ.
+        quota, fraction = first.fg_bg_sampler.batch_size_per_image, first.fg_bg_sampler.positive_fraction
+        after = (first.score_thresh, first.nms_thresh, first.detections_per_img)
+        super().__init__(first.box_roi_pool, first.box_head, first.box_predictor, first.proposal_matcher.high_threshold,
+                         first.proposal_matcher.low_threshold, quota, fraction, first.box_coder.weights, *after)
         if len(cfg.cascade_ious) > len(self.STAGE_REG_WEIGHTS):
             raise ModelError(f"at most {len(self.STAGE_REG_WEIGHTS)} cascade stages, not {len(cfg.cascade_ious)}")
         self.stages = nn.ModuleList(
             RoIHeads(first.box_roi_pool, _box_head(cfg), FastRCNNPredictor(cfg.box_head_fc, len(CLASSES) + 1),
-                     iou, iou, cfg.box_batch_size_per_image, 0.25, w, cfg.detection_threshold, cfg.box_nms_thresh,
-                     cfg.detections_per_img)
+                     iou, iou, quota, fraction, w, *after)
             for iou, w in zip(cfg.cascade_ious, self.STAGE_REG_WEIGHTS))
 
     def forward(self, features, proposals, image_shapes, targets=None):
@@ -225,8 +227,10 @@ class CascadeRoIHeads(RoIHeads):
             if k + 1 < len(heads):
                 # The next head's proposals: each RoI's box for its class (the labelled class of a
                 # positive in training, else the most likely foreground class), not learned through.
-                best = logits[:, 1:].argmax(1) + 1
-                cls = torch.where(torch.cat(labels) > 0, torch.cat(labels), best) if self.training else best
+                cls = logits[:, 1:].argmax(1) + 1
+                if self.training:
+                    labelled = torch.cat(labels)
+                    cls = torch.where(labelled > 0, labelled, cls)
                 boxes = h.box_coder.decode(deltas.detach().float(), proposals)[torch.arange(len(cls)), cls]
                 proposals = [clip_boxes_to_image(b, hw) for b, hw in zip(boxes.split([len(p) for p in proposals]), image_shapes)]
         if self.training:
