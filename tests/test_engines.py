@@ -2,14 +2,21 @@
 torch stages on the CPU (exact), the ONNX graphs that TensorRT consumes through onnxruntime
 (numerically), TensorRT and the compiled engine where they can run."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from bccd_batch.decode import decode_file
-from bccd_batch.engines.split import BoxStage, DenseStage, SplitDetector, infer_split
-from bccd_batch.model import Uploads, detections_to_tuples, load_model
+from bccd_batch.engines.split import DenseStage, SplitDetector, box_heads, box_stages, infer_split
+from bccd_batch.model import ModelConfig, Uploads, build_model, detections_to_tuples, load_model
 from conftest import DATA, FIGURES, MODEL
+
+
+def _eager_detections(model, images):
+    with torch.inference_mode():
+        return [detections_to_tuples(model([torch.from_numpy(a).permute(2, 0, 1).float() / 255])[0]) for a in images]
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +26,19 @@ def setup():
     names = (DATA / "ImageSets/Main/val.txt").read_text().split()[:5]
     images = [decode_file(DATA / "JPEGImages" / f"{n}.jpg") for n in names]
     images.append(np.ascontiguousarray(images[0].transpose(1, 0, 2)))   # a portrait field: eager fallback
-    with torch.inference_mode():
-        ref = [detections_to_tuples(model([torch.from_numpy(a).permute(2, 0, 1).float() / 255])[0]) for a in images]
-    return model, images, ref
+    return model, images, _eager_detections(model, images)
+
+
+@pytest.fixture(scope="module")
+def first_head_only(setup):
+    """The embedded model as a one-head Faster R-CNN: its first box head (which keeps its place and
+    names in a cascade) without the later ones, so the split is checked with one head and with several."""
+    model, images, _ = setup
+    cfg = ModelConfig.from_dict({**dataclasses.asdict(model.config), "cascade_ious": []})
+    plain = build_model(cfg).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("roi_heads.stages.") for k in unexpected)
+    return plain, images, _eager_detections(plain, images)
 
 
 def _assert_same_detections(got, ref, box_tol):
@@ -31,10 +48,14 @@ def _assert_same_detections(got, ref, box_tol):
         assert np.abs(np.array([d[2:] for d in g]) - np.array([d[2:] for d in r])).max() <= box_tol
 
 
-def test_split_torch_stages_equal_eager(setup):
-    model, images, ref = setup
-    det = SplitDetector(model, DenseStage(model).eval(), BoxStage(model).eval(), torch.device("cpu"))
-    _assert_same_detections(infer_split(det, model, images, torch.device("cpu"), 2), ref, box_tol=0.011)
+def _torch_stages(model):
+    return SplitDetector(model, DenseStage(model).eval(), [b.eval() for b in box_stages(model)], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("which", ["setup", "first_head_only"])
+def test_split_torch_stages_equal_eager(which, request):
+    model, images, ref = request.getfixturevalue(which)
+    _assert_same_detections(infer_split(_torch_stages(model), model, images, torch.device("cpu"), 2), ref, box_tol=0.011)
 
 
 def test_one_pass_roi_align_equals_torchvision_at_the_field_edges(setup, monkeypatch):
@@ -45,7 +66,7 @@ def test_one_pass_roi_align_equals_torchvision_at_the_field_edges(setup, monkeyp
     from collections import OrderedDict
 
     model, _, _ = setup
-    det = SplitDetector(model, DenseStage(model).eval(), BoxStage(model).eval(), torch.device("cpu"))
+    det = _torch_stages(model)
     (h, w), (ph, pw) = det.resized_hw, det.padded_hw
     fpn = [torch.randn(2, 8, ph // s, pw // s) for s in (8, 16, 32)]
     sizes = torch.tensor([12.0, 40.0, 100.0, 250.0, 600.0])
@@ -68,8 +89,9 @@ def test_onnx_graphs_match_pytorch(setup, tmp_path):
     from bccd_batch.engines.onnx_export import OnnxRuntimeStage, export_onnx
 
     model, images, ref = setup
-    dense_path, box_path = export_onnx(model, tmp_path, "fp32", max_batch=8)
-    dense_ort, box_ort = OnnxRuntimeStage(dense_path), OnnxRuntimeStage(box_path)
+    dense_path, box_paths = export_onnx(model, tmp_path, "fp32", max_batch=8)
+    assert len(box_paths) == len(box_heads(model))
+    dense_ort, boxes_ort = OnnxRuntimeStage(dense_path), [OnnxRuntimeStage(p) for p in box_paths]
     x = torch.from_numpy(np.stack(images[:2])).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
         want = DenseStage(model).eval()(x)
@@ -77,7 +99,7 @@ def test_onnx_graphs_match_pytorch(setup, tmp_path):
     rel = max(float((g - w).norm() / w.norm()) for g, w in zip(got, want))
     FIGURES.append(f"engines: ONNX dense stage max relative error vs PyTorch {rel:.2e}")
     assert rel < 1e-4
-    det = SplitDetector(model, dense_ort, box_ort, torch.device("cpu"))
+    det = SplitDetector(model, dense_ort, boxes_ort, torch.device("cpu"))
     _assert_same_detections(infer_split(det, model, images, torch.device("cpu"), 2), ref, box_tol=0.05)
 
 

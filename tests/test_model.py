@@ -5,8 +5,7 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from bccd_batch.engines import EngineError
-from bccd_batch.engines.split import BoxStage
+from bccd_batch.engines.split import box_stages
 from bccd_batch.model import ClassBalancedSampler, ModelConfig, ModelError, build_model, load_model, read_card, save_model
 from conftest import MODEL
 
@@ -141,6 +140,6 @@ def test_cascade_trains_every_head_and_round_trips_through_its_card(tmp_path):
     save_model(model.eval(), cfg, tmp_path, {"name": "untrained test placeholder"})
     loaded, card = load_model(tmp_path)
     assert card["architecture"]["cascade_ious"] == [0.6, 0.7] and len(loaded.roi_heads.stages) == 2
-    # The split engines hold one box head: a cascade must not run there as if it had one.
-    with pytest.raises(EngineError, match="cascade"):
-        BoxStage(loaded)
+    # The split engines (compiled, ONNX, TensorRT) get one box stage per head, in the order they run.
+    stages = box_stages(loaded)
+    assert [s.box_head for s in stages] == [loaded.roi_heads.box_head, *(h.box_head for h in loaded.roi_heads.stages)]

@@ -12,33 +12,36 @@ from pathlib import Path
 import torch
 from torchvision.models.detection import FasterRCNN
 
-from .split import NATIVE_HW, BoxStage, DenseStage, dense_output_names
+from .split import NATIVE_HW, DenseStage, box_stage_names, box_stages, dense_output_names
 
 OPSET = 18
 MAX_BATCH = 64
 
 
-def export_onnx(model: FasterRCNN, out_dir: Path, precision: str = "fp32", max_batch: int = MAX_BATCH) -> tuple[Path, Path]:
-    """Write dense.onnx and box.onnx (fp32 or fp16 weights and activations) into out_dir."""
+def export_onnx(model: FasterRCNN, out_dir: Path, precision: str = "fp32", max_batch: int = MAX_BATCH) -> tuple[Path, list[Path]]:
+    """Write dense-PRECISION.onnx and one box graph per box head (box-PRECISION.onnx, then
+    box1-PRECISION.onnx, ... for a cascade; fp32 or fp16 weights and activations) into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-    dense, box = DenseStage(model).eval().to("cpu", dtype), BoxStage(model).eval().to("cpu", dtype)
+    dense = DenseStage(model).eval().to("cpu", dtype)
     images = torch.randint(0, 256, (2, 3, *NATIVE_HW), dtype=torch.uint8)
     rois_per_image = model.rpn._post_nms_top_n["testing"]
     channels = model.backbone.out_channels
     rois = torch.randn(2 * rois_per_image, channels, 7, 7, dtype=dtype)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     n_rois = torch.export.Dim("rois", min=1, max=max_batch * rois_per_image)
-    dense_path, box_path = out_dir / f"dense-{precision}.onnx", out_dir / f"box-{precision}.onnx"
+    dense_path = out_dir / f"dense-{precision}.onnx"
+    box_paths = [out_dir / f"{name}-{precision}.onnx" for name in box_stage_names(model)]
     with torch.no_grad():
         torch.onnx.export(dense, (images,), str(dense_path), dynamo=True, opset_version=OPSET, external_data=False,
                           input_names=["images"], output_names=dense_output_names(),
                           dynamic_shapes={"images_u8": {0: batch}}, optimize=True)
-        torch.onnx.export(box, (rois,), str(box_path), dynamo=True, opset_version=OPSET, external_data=False,
-                          input_names=["rois"], output_names=["class_logits", "box_deltas"],
-                          dynamic_shapes={"roi_features": {0: n_rois}}, optimize=True)
-    return dense_path, box_path
+        for box, path in zip(box_stages(model), box_paths):
+            torch.onnx.export(box.eval().to("cpu", dtype), (rois,), str(path), dynamo=True, opset_version=OPSET,
+                              external_data=False, input_names=["rois"], output_names=["class_logits", "box_deltas"],
+                              dynamic_shapes={"roi_features": {0: n_rois}}, optimize=True)
+    return dense_path, box_paths
 
 
 class OnnxRuntimeStage:

@@ -3,8 +3,9 @@
 Dense, static-shape graphs (what ONNX/TensorRT and torch.compile get):
   DenseStage: uint8 NCHW batch -> normalise -> backbone + FPN -> RPN head    (batch is the only dynamic axis)
   BoxStage:   RoI features [R, C, 7, 7] -> box head -> class logits, box deltas   (R = batch x proposals)
+              (one per head: a Cascade R-CNN model has one for each of its heads)
 The steps between them stay torchvision ops (`SplitDetector`): anchor decoding, proposal top-k and
-NMS, RoIAlign and the final per-class NMS, written in fixed shapes (padded slots, masks, the
+NMS, RoIAlign (again before each later head of a cascade) and the final per-class NMS, written in fixed shapes (padded slots, masks, the
 sync-free NMS of nms.py) so that a CUDA graph can hold a whole batch. They have no plugin-free
 TensorRT form worth having (TensorRT's own NMS is slower than torchvision's, and its NMS/RoIAlign
 plugins are deprecated), so no backend needs plugins.
@@ -25,6 +26,7 @@ from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
@@ -32,7 +34,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from ..model import Uploads, arrays_to_tuples, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
-from . import EngineError, field_hw, one_ahead
+from . import field_hw, one_ahead
 
 NATIVE_HW = (480, 640)
 
@@ -72,16 +74,29 @@ class DenseStage(nn.Module):
         return (*feats[:3], *objectness, *deltas)
 
 
+def box_heads(model: FasterRCNN) -> list[RoIHeads]:
+    """The model's box heads in the order they run: its one head, or a cascade's first head and
+    then its later stages (model.CascadeRoIHeads)."""
+    return [model.roi_heads, *getattr(model.roi_heads, "stages", ())]
+
+
+def box_stage_names(model: FasterRCNN) -> list[str]:
+    """File stems of the box stages' graphs and engines: "box", then "box1", "box2" for a cascade."""
+    return ["box"] + [f"box{i}" for i in range(1, len(box_heads(model)))]
+
+
 class BoxStage(nn.Module):
-    def __init__(self, model: FasterRCNN):
+    def __init__(self, head: RoIHeads):
         super().__init__()
-        if model.config.cascade_ious:
-            raise EngineError("the split engines hold one box head, this model has a cascade of them: use --engine torch")
-        self.box_head = model.roi_heads.box_head
-        self.box_predictor = model.roi_heads.box_predictor
+        self.box_head = head.box_head
+        self.box_predictor = head.box_predictor
 
     def forward(self, roi_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.box_predictor(self.box_head(roi_features))
+
+
+def box_stages(model: FasterRCNN) -> list[BoxStage]:
+    return [BoxStage(h) for h in box_heads(model)]
 
 
 def dense_output_names(n_levels: int = 4) -> list[str]:
@@ -105,7 +120,8 @@ def _decode(coder: BoxCoder, rel_codes: torch.Tensor, boxes: torch.Tensor) -> to
 
 class SplitDetector:
     """Runs the split model with pluggable dense and box stages (eager modules, ONNX sessions,
-    TensorRT engines or compiled graphs: any callable with the stages' signatures).
+    TensorRT engines or compiled graphs: any callable with the stages' signatures; one box stage
+    per box head, in `box_heads` order).
 
     The glue between the stages computes what torchvision's RPN and RoI heads compute, in fixed
     shapes for the whole batch: every image gets exactly post_nms_top_n proposal slots (unused ones
@@ -119,9 +135,11 @@ class SplitDetector:
     GRAPH_NMS_ROUNDS = 16
 
     def __init__(self, model: FasterRCNN, dense: Callable[[torch.Tensor], Sequence[torch.Tensor]],
-                 box: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 boxes: Sequence[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]], device: torch.device,
                  cuda_graph: bool = False):
-        self.model, self.dense, self.box, self.device = model, dense, box, device
+        if len(boxes) != len(box_heads(model)):
+            raise ValueError(f"{len(boxes)} box stages for a model with {len(box_heads(model))} box heads")
+        self.model, self.dense, self.boxes, self.device = model, dense, list(boxes), device
         self.resized_hw, self.padded_hw = model_input_geometry(model)
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self._anchors: dict[int, torch.Tensor] = {}
@@ -255,13 +273,22 @@ class SplitDetector:
         n, _, h, w = batch_u8.shape
         outs = self.dense(batch_u8)
         fpn, objectness, deltas = outs[:3], [o.float() for o in outs[3:7]], [o.float() for o in outs[7:11]]
-        proposals, slot_used, props_converged = self._proposals(objectness, deltas, rounds)
-        logits, box_deltas = self.box(self._roi_features(fpn, proposals))
-        heads = self.model.roi_heads
-        k = proposals.shape[1]
-        boxes = _decode(heads.box_coder, box_deltas.float(), proposals.reshape(-1, 4)).reshape(n * k, -1, 4)
-        boxes = clip_boxes_to_image(boxes, self.resized_hw)[:, 1:].reshape(n, k, -1, 4)
-        scores = torch.softmax(logits.float(), -1)[:, 1:].reshape(n, k, -1)
+        rois, slot_used, props_converged = self._proposals(objectness, deltas, rounds)
+        k = rois.shape[1]
+        probs = []
+        # As CascadeRoIHeads.forward at test time (a one-head model is its first pass): each head
+        # reads the RoIs the head before it refined, each RoI's box for its most likely foreground
+        # class; the scores are the heads' mean probabilities, the boxes the last head's.
+        heads = box_heads(self.model)
+        for i, (box, head) in enumerate(zip(self.boxes, heads)):
+            logits, box_deltas = box(self._roi_features(fpn, rois))
+            probs.append(torch.softmax(logits.float(), -1))
+            boxes = _decode(head.box_coder, box_deltas.float(), rois.reshape(-1, 4)).reshape(n * k, -1, 4)
+            boxes = clip_boxes_to_image(boxes, self.resized_hw)
+            if i + 1 < len(heads):
+                rois = boxes[torch.arange(n * k, device=boxes.device), logits[:, 1:].argmax(1) + 1].view(n, k, 4)
+        boxes = boxes[:, 1:].reshape(n, k, -1, 4)
+        scores = torch.stack(probs).mean(0)[:, 1:].reshape(n, k, -1)
         b, s, l, kept, dets_converged = select_padded(boxes, scores, slot_used, self.model.config, rounds)
         # Back to the field's pixels with torchvision's float32 ratios (original / resized, per
         # axis), as Python scalars: a tensor made here would be a host-to-device copy in the graph.

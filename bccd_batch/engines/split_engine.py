@@ -14,7 +14,7 @@ import torch
 
 from ..model import load_model
 from . import EngineError, field_hw
-from .split import NATIVE_HW, BoxStage, DenseStage, SplitDetector, infer_split
+from .split import NATIVE_HW, DenseStage, SplitDetector, box_stage_names, box_stages, infer_split
 
 
 class SplitEngine:
@@ -33,32 +33,33 @@ class SplitEngine:
         self.device = str(self.dev)
         self.device_name = torch.cuda.get_device_name(self.dev)
         if backend == "compiled":
-            dense, box = self._compiled(precision)
+            dense, boxes = self._compiled(precision)
         elif backend == "tensorrt":
-            dense, box = self._tensorrt(precision)
+            dense, boxes = self._tensorrt(precision)
         else:
             raise EngineError(f"unknown split backend {backend!r}")
         # TensorRT's enqueue could be captured too, but that is unverified here: it runs op by op.
-        self.detector = SplitDetector(self.model, dense, box, self.dev, cuda_graph=backend == "compiled")
+        self.detector = SplitDetector(self.model, dense, boxes, self.dev, cuda_graph=backend == "compiled")
 
     def _compiled(self, precision: str):
         dtype = {"fp16": torch.float16, "fp32": torch.float32}[precision]
         # Copies: the eager model keeps its fp32 weights for fields of other sizes.
         stages_model = copy.deepcopy(self.model)
         dense = DenseStage(stages_model).eval().to(self.dev, dtype).to(memory_format=torch.channels_last)
-        box = BoxStage(stages_model).eval().to(self.dev, dtype)
         # No CUDA graphs of torch.compile's own: the detector captures stages and glue as one.
         dense_c = torch.compile(dense, dynamic=False, fullgraph=True)
-        box_c = torch.compile(box, dynamic=False, fullgraph=True)
-        return (lambda x: dense_c(x.contiguous(memory_format=torch.channels_last)), lambda r: box_c(r.to(dtype)))
+        boxes_c = [torch.compile(b.eval().to(self.dev, dtype), dynamic=False, fullgraph=True) for b in box_stages(stages_model)]
+        return (lambda x: dense_c(x.contiguous(memory_format=torch.channels_last)),
+                [lambda r, box_c=box_c: box_c(r.to(dtype)) for box_c in boxes_c])
 
     def _tensorrt(self, precision: str):
         from .tensorrt import TensorRTStage, cached_engine_dir
 
-        d = cached_engine_dir(self.card["weights"]["sha256"], precision, self.batch_size)
+        names = box_stage_names(self.model)
+        d = cached_engine_dir(self.card["weights"]["sha256"], precision, self.batch_size, names)
         if d is None:
             raise EngineError("no TensorRT engine built for this GPU/model/precision: run `bccd-batch build-engine`")
-        return TensorRTStage(d / "dense.plan", self.dev), TensorRTStage(d / "box.plan", self.dev)
+        return TensorRTStage(d / "dense.plan", self.dev), [TensorRTStage(d / f"{b}.plan", self.dev) for b in names]
 
     def warm_up(self) -> None:
         """Compile, tune and capture now, on a blank full batch, rather than inside the first

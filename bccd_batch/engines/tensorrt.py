@@ -118,35 +118,38 @@ def engine_cache_root() -> Path:
     return Path(os.environ.get("BCCD_BATCH_ENGINE_CACHE", Path.home() / ".cache" / "bccd-batch" / "engines"))
 
 
-def cached_engine_dir(model_sha: str, precision: str, batch_size: int) -> Path | None:
-    """The built engines for this exact GPU/TensorRT/model/precision, if their batch range covers
-    batch_size; a key mismatch means another build, never loading a stale engine."""
+def cached_engine_dir(model_sha: str, precision: str, batch_size: int, box_names: list[str]) -> Path | None:
+    """The built engines (dense.plan and one plan per `box_names`) for this exact
+    GPU/TensorRT/model/precision, if their batch range covers batch_size; a key mismatch means
+    another build, never loading a stale engine."""
     root = engine_cache_root()
     if not root.is_dir():
         return None
     for max_batch in sorted(int(p.name.split("-b")[-1]) for p in root.glob("*-b*") if p.name.split("-b")[-1].isdigit()):
         if max_batch >= batch_size:
             d = root / f"{engine_key(model_sha, precision, max_batch)}-b{max_batch}"
-            if (d / "dense.plan").is_file() and (d / "box.plan").is_file():
+            if all((d / f"{name}.plan").is_file() for name in ["dense", *box_names]):
                 return d
     return None
 
 
 def build_all(model, model_sha: str, cache_dir: Path, precision: str, max_batch: int) -> dict:
-    """Export ONNX, build both engines into cache_dir/<key>/, return the manifest."""
+    """Export ONNX, build the dense engine and one per box head into cache_dir/<key>/, return the manifest."""
     from .onnx_export import export_onnx
+    from .split import box_stage_names
 
     key = engine_key(model_sha, precision, max_batch)
     d = Path(cache_dir) / f"{key}-b{max_batch}"
     d.mkdir(parents=True, exist_ok=True)
-    dense_onnx, box_onnx = export_onnx(model, d, precision, max_batch)
+    dense_onnx, box_onnx = export_onnx(model, d, precision, max_batch)   # box_onnx: one graph per box head
     per_image = model.rpn._post_nms_top_n["testing"]
     c = model.backbone.out_channels
     timing = Path(cache_dir) / "timing.cache"
     build_engine(dense_onnx, d / "dense.plan", "images", (1, 3, 480, 640), (max_batch // 2 or 1, 3, 480, 640),
                  (max_batch, 3, 480, 640), timing)
-    build_engine(box_onnx, d / "box.plan", "rois", (1, c, 7, 7), (max_batch // 2 * per_image or per_image, c, 7, 7),
-                 (max_batch * per_image, c, 7, 7), timing)
+    for name, path in zip(box_stage_names(model), box_onnx):
+        build_engine(path, d / f"{name}.plan", "rois", (1, c, 7, 7), (max_batch // 2 * per_image or per_image, c, 7, 7),
+                     (max_batch * per_image, c, 7, 7), timing)
     manifest = {"key": key, "model_sha256": model_sha, "precision": precision, "max_batch": max_batch,
                 "gpu": torch.cuda.get_device_name(0), "tensorrt": import_tensorrt().__version__}
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
