@@ -391,6 +391,8 @@ def bench(
     from .bench import run_bench, table
 
     pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
+    if not any((data / "JPEGImages").glob("*.jpg")):
+        raise _fail(f"no BCCD fields to copy: {data / 'JPEGImages'} holds no .jpg files (set --data or BCCD_DATA)")
     rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
                      log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
                      workers_per_device=workers_per_device, mps=mps, gpu_decode=gpu_decode)

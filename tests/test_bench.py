@@ -1,7 +1,7 @@
 """`bccd-batch bench` on the CPU at toy size: the table's plumbing, not a performance figure."""
 
 from bccd_batch.bench import run_bench, table
-from conftest import DATA, REPO
+from conftest import DATA, REPO, cli
 
 
 def test_bench_rows_for_one_engine_and_a_device_set():
@@ -13,3 +13,8 @@ def test_bench_rows_for_one_engine_and_a_device_set():
     assert 0 <= rows[0]["decode_wait_pct"] <= 100
     text = table(rows)
     assert text.count("\n") == 3 and "torch-eager-fp32" in text
+
+
+def test_bench_without_fields_to_copy_exits_2_with_the_reason(tmp_path):
+    r = cli("bench", "--data", tmp_path, "--images", 4, "--engines", "torch:1", "--device", "cpu", check_rc=2)
+    assert "holds no .jpg files" in r.stderr
