@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,6 +24,10 @@ def default_model_dir() -> Path:
 
     return Path(str(files("bccd_batch.default_model")))
 
+
+# `run --labels` and `score` take the same option.
+Bootstrap = Annotated[int, typer.Option(min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
+                                                      "(~6 s for 292 fields on 2 CPU cores); 0: none.")]
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
@@ -182,8 +186,7 @@ def run(
     slides: Path = typer.Argument(..., help="Folder of slides: each first-level subfolder is one slide."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
     labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
-    bootstrap: int = typer.Option(200, min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
-                                                   "(~6 s for 292 fields on 2 CPU cores); 0: none."),
+    bootstrap: Bootstrap = 200,
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
     engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
     device: str = typer.Option("auto", "--device", "--devices", envvar="BCCD_BATCH_DEVICE",
@@ -290,8 +293,7 @@ def report(
 def score(
     run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
     labels: Path = typer.Option(..., help="VOC folder, CSV or COCO JSON."),
-    bootstrap: int = typer.Option(200, min=0, help="Resamples of the scored fields for 95% intervals of AP and AP50 "
-                                                   "(~6 s for 292 fields on 2 CPU cores); 0: none."),
+    bootstrap: Bootstrap = 200,
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
 ) -> None:
     """Score a finished run against labels with pycocotools; writes metrics.json in the run folder."""
