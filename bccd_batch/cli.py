@@ -80,7 +80,7 @@ def train(
     copy_paste: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of pasting platelets from other fields into a training sample."),
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
-    cascade: Optional[str] = typer.Option(None, help="IoU thresholds of further box heads, Cascade R-CNN style, e.g. 0.6,0.7."),
+    cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from OUT/last.pt of an earlier run."),
@@ -98,7 +98,7 @@ def train(
     from .train import TrainConfig, train as run_training
 
     try:
-        cascade_ious = tuple(float(t) for t in cascade.split(",")) if cascade else ()
+        cascade_ious = tuple(float(t) for t in cascade.split(",")) if cascade.lower() not in ("none", "") else ()
         valid = all(0 < t < 1 for t in cascade_ious)
     except ValueError:
         valid = False

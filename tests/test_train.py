@@ -59,18 +59,30 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     run = card["training"]["config"]
     assert (run["lr"], run["weight_decay"], run["mosaic"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 7, 2)
     assert card["architecture"]["test_min_size"] == 320 and card["architecture"]["cascade_ious"] == [0.6]
+    cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "one", "--epochs", 1,
+        "--batch-size", 2, "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "none", "--export",
+        tmp_path / "one-head", check_rc=0)
+    assert read_card(tmp_path / "one-head")["architecture"]["cascade_ious"] == []
     for bad in ("0.6,x", "0.6,7"):
         r = cli("train", "--data", bccd, "--out", tmp_path / "bad", "--cascade", bad, check_rc=2)
         assert "--cascade takes IoU thresholds" in r.stderr
 
 
+def _knows_cells(step: dict) -> bool:
+    """Whether a step's RPN objectness and first box head's classification losses are those of a
+    trained network: a fresh one's sum to about 2.1 on these two fields, the shipped model's to 0.4
+    (the total is no measure: a cascade adds its later heads' terms, and a fresh network, proposing
+    few boxes on cells, has smaller box-regression terms than a trained one)."""
+    return step["loss_objectness"] + step["loss_classifier"] < 0.5
+
+
 def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
-    """--init: the shipped model's weights and architecture start the run, so its very first loss
-    is far below a fresh network's (about 2.4 on these images, from the test above)."""
+    """--init: the shipped model's weights and architecture start the run, so its very first step
+    already finds the cells."""
     cfg = TrainConfig(epochs=1, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
     summary = train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu",
                     init=MODEL, log=lambda m: None)
-    assert summary["history"][0]["loss"] < 1.2, summary["history"]
+    assert _knows_cells(summary["history"][0]), summary["history"]
     saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
     export_weights([tmp_path / "run" / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
@@ -93,7 +105,7 @@ def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, bc
                     resume=tmp_path / "run" / "last.pt", log=logged.append)
     assert any("resumed from" in m and "epoch 1, step 1" in m for m in logged), logged
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["steps"] == 2
-    assert summary["history"][1]["loss"] < 1.2   # the fine-tuned weights came back, not a fresh network
+    assert _knows_cells(summary["history"][1])   # the fine-tuned weights came back, not a fresh network
     export_weights([tmp_path / "run" / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
     assert read_card(tmp_path / "model")["training"]["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
 
