@@ -5,10 +5,10 @@ Dense, static-shape graphs (what ONNX/TensorRT and torch.compile get):
   BoxStage:   RoI features [R, C, 7, 7] -> box head -> class logits, box deltas   (R = batch x proposals)
               (one per head: a Cascade R-CNN model has one for each of its heads)
 The steps between them stay torchvision ops (`SplitDetector`): anchor decoding, proposal top-k and
-NMS, RoIAlign (again before each later head of a cascade) and the final per-class NMS, written in fixed shapes (padded slots, masks, the
-sync-free NMS of nms.py) so that a CUDA graph can hold a whole batch. They have no plugin-free
-TensorRT form worth having (TensorRT's own NMS is slower than torchvision's, and its NMS/RoIAlign
-plugins are deprecated), so no backend needs plugins.
+NMS, RoIAlign (again before each later head of a cascade) and the final per-class NMS, written in
+fixed shapes (padded slots, masks, the sync-free NMS of nms.py) so that a CUDA graph can hold a whole
+batch. They have no plugin-free TensorRT form worth having (TensorRT's own NMS is slower than
+torchvision's, and its NMS/RoIAlign plugins are deprecated), so no backend needs plugins.
 
 The split computes what the eager model computes for fields of the native size, including its
 resize to the model's test size (inside DenseStage, so it stays one static graph); other sizes (and

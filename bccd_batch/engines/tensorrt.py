@@ -141,13 +141,13 @@ def build_all(model, model_sha: str, cache_dir: Path, precision: str, max_batch:
     key = engine_key(model_sha, precision, max_batch)
     d = Path(cache_dir) / f"{key}-b{max_batch}"
     d.mkdir(parents=True, exist_ok=True)
-    dense_onnx, box_onnx = export_onnx(model, d, precision, max_batch)   # box_onnx: one graph per box head
+    dense_onnx, box_onnxs = export_onnx(model, d, precision, max_batch)
     per_image = model.rpn._post_nms_top_n["testing"]
     c = model.backbone.out_channels
     timing = Path(cache_dir) / "timing.cache"
     build_engine(dense_onnx, d / "dense.plan", "images", (1, 3, 480, 640), (max_batch // 2 or 1, 3, 480, 640),
                  (max_batch, 3, 480, 640), timing)
-    for name, path in zip(box_stage_names(model), box_onnx):
+    for name, path in zip(box_stage_names(model), box_onnxs):
         build_engine(path, d / f"{name}.plan", "rois", (1, c, 7, 7), (max_batch // 2 * per_image or per_image, c, 7, 7),
                      (max_batch * per_image, c, 7, 7), timing)
     manifest = {"key": key, "model_sha256": model_sha, "precision": precision, "max_batch": max_batch,
