@@ -164,11 +164,16 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     # swap only its last step, so the eager model and the split engines share one post-processing
     # (nms.py). Bound to the (last head's) box coder, not the heads: a heads -> partial -> heads
     # cycle would keep a dropped model (and its GPU memory) alive until the cyclic GC happened to run.
-    last = model.roi_heads.stages[-1] if cfg.cascade_ious else model.roi_heads
-    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, last.box_coder)
+    model.roi_heads.postprocess_detections = functools.partial(postprocess_detections, cfg, box_heads(model)[-1].box_coder)
     model.config = cfg  # what the split engines' own glue reads (NMS kind, thresholds)
     set_inference_size(model, cfg)
     return model
+
+
+def box_heads(model: FasterRCNN) -> list[RoIHeads]:
+    """The model's box heads in the order they run: its one head, or a cascade's first head and
+    then its later stages (`CascadeRoIHeads`)."""
+    return [model.roi_heads, *getattr(model.roi_heads, "stages", ())]
 
 
 class Float32RPNHead(RPNHead):

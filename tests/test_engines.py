@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bccd_batch.decode import decode_file
-from bccd_batch.engines.split import DenseStage, SplitDetector, box_heads, box_stages, infer_split
-from bccd_batch.model import ModelConfig, Uploads, build_model, detections_to_tuples, load_model
+from bccd_batch.engines.split import DenseStage, SplitDetector, box_stages, infer_split
+from bccd_batch.model import ModelConfig, Uploads, box_heads, build_model, detections_to_tuples, load_model
 from conftest import DATA, FIGURES, MODEL
 
 

@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.poolers import _setup_scales
 
-from ..model import Uploads, arrays_to_tuples, detections_to_tuples, image_to_input
+from ..model import Uploads, arrays_to_tuples, box_heads, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
 from . import field_hw, one_ahead
 
@@ -72,12 +72,6 @@ class DenseStage(nn.Module):
         feats = list(self.backbone(x).values())
         objectness, deltas = self.rpn_head(feats)
         return (*feats[:3], *objectness, *deltas)
-
-
-def box_heads(model: FasterRCNN) -> list[RoIHeads]:
-    """The model's box heads in the order they run: its one head, or a cascade's first head and
-    then its later stages (model.CascadeRoIHeads)."""
-    return [model.roi_heads, *getattr(model.roi_heads, "stages", ())]
 
 
 def box_stage_names(model: FasterRCNN) -> list[str]:
@@ -137,8 +131,9 @@ class SplitDetector:
     def __init__(self, model: FasterRCNN, dense: Callable[[torch.Tensor], Sequence[torch.Tensor]],
                  boxes: Sequence[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]], device: torch.device,
                  cuda_graph: bool = False):
-        if len(boxes) != len(box_heads(model)):
-            raise ValueError(f"{len(boxes)} box stages for a model with {len(box_heads(model))} box heads")
+        self.heads = box_heads(model)
+        if len(boxes) != len(self.heads):
+            raise ValueError(f"{len(boxes)} box stages for a model with {len(self.heads)} box heads")
         self.model, self.dense, self.boxes, self.device = model, dense, list(boxes), device
         self.resized_hw, self.padded_hw = model_input_geometry(model)
         self.cuda_graph = cuda_graph and device.type == "cuda"
@@ -279,13 +274,12 @@ class SplitDetector:
         # As CascadeRoIHeads.forward at test time (a one-head model is its first pass): each head
         # reads the RoIs the head before it refined, each RoI's box for its most likely foreground
         # class; the scores are the heads' mean probabilities, the boxes the last head's.
-        heads = box_heads(self.model)
-        for i, (box, head) in enumerate(zip(self.boxes, heads)):
+        for i, (box, head) in enumerate(zip(self.boxes, self.heads)):
             logits, box_deltas = box(self._roi_features(fpn, rois))
             probs.append(torch.softmax(logits.float(), -1))
             boxes = _decode(head.box_coder, box_deltas.float(), rois.reshape(-1, 4)).reshape(n * k, -1, 4)
             boxes = clip_boxes_to_image(boxes, self.resized_hw)
-            if i + 1 < len(heads):
+            if i + 1 < len(self.heads):
                 rois = boxes[torch.arange(n * k, device=boxes.device), logits[:, 1:].argmax(1) + 1].view(n, k, 4)
         boxes = boxes[:, 1:].reshape(n, k, -1, 4)
         scores = torch.stack(probs).mean(0)[:, 1:].reshape(n, k, -1)
