@@ -79,6 +79,7 @@ def train(
     mosaic: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
     copy_paste: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of pasting platelets from other fields into a training sample."),
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
+    rotate: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of rotating a training sample by any angle within 45 degrees (boxes as rotated ellipses)."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
@@ -117,7 +118,7 @@ def train(
         raise _fail(f"image folder not found: {image_root}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
-                      copy_paste=copy_paste, close_mosaic=close_mosaic, channels_last=channels_last)
+                      copy_paste=copy_paste, close_mosaic=close_mosaic, rotate=rotate, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
                                            cascade_ious=cascade_ious)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "

@@ -41,6 +41,7 @@ class TrainConfig:
     amp: bool = True
     mosaic: float = 0.0           # probability that a training sample is a 2x2 mosaic of four fields
     copy_paste: float = 0.0       # probability that platelets from other fields are pasted into a sample
+    rotate: float = 0.0           # probability of a rotation by any angle (on top of flips and quarter turns)
     # Fraction of the final epochs trained without mosaic, so the last steps see whole fields as
     # they come at test time (YOLO detectors' "close mosaic").
     close_mosaic: float = 0.0
@@ -67,8 +68,9 @@ def fitted_epochs(budget: float, elapsed: float, per_epoch: float, done: int, ca
 class DetectionDataset(torch.utils.data.Dataset):
     """Images decoded once into memory (BCCD-sized sets are small); augmentation per access."""
 
-    def __init__(self, labels: LabelSet, image_root: Path, train: bool, mosaic: float = 0.0, copy_paste: float = 0.0):
-        self.train, self.mosaic, self.copy_paste, self.items = train, mosaic, copy_paste, []
+    def __init__(self, labels: LabelSet, image_root: Path, train: bool, mosaic: float = 0.0, copy_paste: float = 0.0,
+                 rotate: float = 0.0):
+        self.train, self.mosaic, self.copy_paste, self.rotate, self.items = train, mosaic, copy_paste, rotate, []
         self.warnings = list(labels.warnings)
         for key in sorted(labels.records):
             rec = labels.records[key]
@@ -96,7 +98,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                 img, boxes, labels = T.mosaic([(img, boxes, labels)] + [o[1:] for o in others], random)
             if self.copy_paste and random.random() < self.copy_paste:   # no draw when off: same stream as before
                 img, boxes, labels = T.paste_cells(img, boxes, labels, self.paste_bank, random)
-            img, boxes, labels = T.augment(img, boxes, labels, random)
+            img, boxes, labels = T.augment(img, boxes, labels, random, self.rotate)
         return img, {"boxes": boxes, "labels": labels, "key": key}
 
 
@@ -210,7 +212,8 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         # training 10x slower on an H100 (measured), so leave it off.
         torch.backends.cudnn.benchmark = False
 
-    train_ds = DetectionDataset(train_labels, train_root, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste)
+    train_ds = DetectionDataset(train_labels, train_root, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste,
+                                rotate=cfg.rotate)
     val_ds = DetectionDataset(val_labels, val_root, train=False) if val_labels else None
     for w in train_ds.warnings + (val_ds.warnings if val_ds else []):
         log(f"warning: {w}")
