@@ -53,11 +53,11 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     split = tmp_path / "two.txt"
     split.write_text("BloodImage_00000\nBloodImage_00001\n")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "run",
-        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--seed", 7,
+        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--rotate", 1, "--seed", 7,
         "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--export", tmp_path / "model", check_rc=0)
     card = read_card(tmp_path / "model")
     run = card["training"]["config"]
-    assert (run["lr"], run["weight_decay"], run["mosaic"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 7, 2)
+    assert (run["lr"], run["weight_decay"], run["mosaic"], run["rotate"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 1.0, 7, 2)
     assert card["architecture"]["test_min_size"] == 320 and card["architecture"]["cascade_ious"] == [0.6]
     cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "one", "--epochs", 1,
         "--batch-size", 2, "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "none", "--export",
