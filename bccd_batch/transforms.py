@@ -1,6 +1,7 @@
 """Training augmentation for blood smears: plain functions on (uint8 CHW image, Nx4 xyxy boxes, N labels).
 
-Smear fields have no canonical orientation, so all eight flips/90° rotations are equally valid;
+Smear fields have no canonical orientation, so all eight flips/90° rotations are equally valid (any
+angle is too, but `rotate` can only estimate the turned boxes, and it lowered val AP on BCCD);
 stain and illumination vary between labs, so colour jitter is strong; cells vary in size between
 scanners, which the model's multi-scale training resize covers. Scale is not done here.
 """
