@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import InterpolationMode, functional as F
 
 
@@ -45,10 +46,7 @@ def rotate(img, boxes, labels, angle: float, min_kept=0.35):
     a, b = (boxes[:, 2] - boxes[:, 0]) / 2, (boxes[:, 3] - boxes[:, 1]) / 2
     hw, hh = (a * c).hypot(b * s), (a * s).hypot(b * c)
     turned = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], 1)
-    clipped = turned.clone()
-    clipped[:, 0::2] = turned[:, 0::2].clamp(0, w)
-    clipped[:, 1::2] = turned[:, 1::2].clamp(0, h)
-    return (out, *_keep_visible(turned, clipped, labels, min_kept))
+    return (out, *_keep_visible(turned, clip_boxes_to_image(turned, (h, w)), labels, min_kept))
 
 
 def random_crop(img, boxes, labels, rng, min_scale=0.6, min_kept=0.35):
@@ -57,9 +55,7 @@ def random_crop(img, boxes, labels, rng, min_scale=0.6, min_kept=0.35):
     s = rng.uniform(min_scale, 1.0)
     cw, ch = int(w * s), int(h * rng.uniform(max(min_scale, s * 0.8), min(1.0, s * 1.25)))
     x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    clipped = boxes.clone()
-    clipped[:, 0::2] = (boxes[:, 0::2] - x0).clamp(0, cw)
-    clipped[:, 1::2] = (boxes[:, 1::2] - y0).clamp(0, ch)
+    clipped = clip_boxes_to_image(_shifted(boxes, -x0, -y0), (ch, cw))
     return (img[:, y0:y0 + ch, x0:x0 + cw], *_keep_visible(boxes, clipped, labels, min_kept))
 
 
@@ -69,6 +65,10 @@ def colour_jitter(img: torch.Tensor, rng) -> torch.Tensor:
     img = F.adjust_saturation(img, rng.uniform(0.6, 1.4))
     img = F.adjust_hue(img, rng.uniform(-0.06, 0.06))
     return img
+
+
+def _shifted(boxes: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    return boxes + torch.tensor([dx, dy, dx, dy], dtype=boxes.dtype)
 
 
 def _keep_visible(boxes, clipped, labels, min_kept):
@@ -93,9 +93,7 @@ def mosaic(samples, rng, min_kept=0.35):
         sx, sy = rng.randint(0, w - tw), rng.randint(0, h - th)
         canvas[:, y0:y1, x0:x1] = img.float().mean((1, 2), keepdim=True).to(canvas.dtype)
         canvas[:, y0:y0 + th, x0:x0 + tw] = img[:, sy:sy + th, sx:sx + tw]
-        moved = boxes.clone()
-        moved[:, 0::2] = (boxes[:, 0::2] - sx).clamp(0, tw) + x0
-        moved[:, 1::2] = (boxes[:, 1::2] - sy).clamp(0, th) + y0
+        moved = _shifted(clip_boxes_to_image(_shifted(boxes, -sx, -sy), (th, tw)), x0, y0)
         b, l = _keep_visible(boxes, moved, labels, min_kept)
         out_boxes.append(b)
         out_labels.append(l)
