@@ -76,6 +76,7 @@ def train(
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     # The defaults are the embedded model's recipe (engines/model.json), so a plain `train` redoes it.
     backbone: str = typer.Option("resnet34", help="resnet18, resnet34 or resnet50."),
+    stem: str = typer.Option("7x7", help="The backbone's stem: 7x7 (torchvision's) or deep (three 3x3 convolutions)."),
     mosaic: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
     copy_paste: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of pasting platelets from other fields into a training sample."),
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
@@ -95,7 +96,7 @@ def train(
     import torch
 
     from .labels import LabelError, read_labels
-    from .model import ModelConfig
+    from .model import BACKBONES, STEMS, ModelConfig
     from .train import TrainConfig, train as run_training
 
     try:
@@ -105,6 +106,9 @@ def train(
         valid = False
     if not valid:
         raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {cascade!r}")
+    for name, value, allowed in (("--backbone", backbone, BACKBONES), ("--stem", stem, STEMS)):
+        if value not in allowed:
+            raise _fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     src = labels or data
@@ -119,7 +123,7 @@ def train(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, rotate=rotate, channels_last=channels_last)
-    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
+    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, stem=stem, box_class_balanced=balance_roi_classes,
                                            cascade_ious=cascade_ious)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
                f"{len(val_labels.records) if val_labels else 0}", err=True)

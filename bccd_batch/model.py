@@ -32,6 +32,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from .nms import select_detections
 
 CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+STEMS = ("7x7", "deep")
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -43,6 +45,9 @@ class ModelError(Exception):
 @dataclasses.dataclass
 class ModelConfig:
     backbone: str = "resnet18"
+    # "7x7": torchvision's ResNet stem. "deep": three 3x3 convolutions in its place (ResNet-C, He et
+    # al. 2019), a stem said to help detectors trained from scratch (DSOD, ScratchDet).
+    stem: str = "7x7"
     fpn_channels: int = 128
     # Two sizes per level: platelets (~35 px), RBC (~100 px) and WBC (120-290 px) each meet an
     # anchor with IoU > 0.7, which a single octave-spaced size per level does not give RBCs.
@@ -114,11 +119,15 @@ def _tuplify(v: Any) -> Any:
 
 
 def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    if cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
+    if cfg.backbone not in BACKBONES:
         raise ModelError(f"unsupported backbone {cfg.backbone!r}")
+    if cfg.stem not in STEMS:
+        raise ModelError(f"unsupported stem {cfg.stem!r}")
     # Trained from scratch, so every layer trains and uses real BatchNorm (torchvision's
     # detection default freezes BN, which only makes sense with ImageNet statistics).
     body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    if cfg.stem == "deep":
+        body.conv1 = _deep_stem()
     c = 1 if cfg.backbone != "resnet50" else 4
     return BackboneWithFPN(
         body,
@@ -128,6 +137,18 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
         extra_blocks=LastLevelMaxPool(),
         norm_layer=nn.BatchNorm2d,
     )
+
+
+def _deep_stem() -> nn.Sequential:
+    """Stands in for the ResNet's 7x7 stride-2 conv1: same input, stride and 64 output channels,
+    followed as before by its bn1, ReLU and max pool."""
+    def conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+        c = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's ResNet
+        return c
+
+    return nn.Sequential(conv(3, 32, 2), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                         conv(32, 32), nn.BatchNorm2d(32), nn.ReLU(inplace=True), conv(32, 64))
 
 
 def build_model(cfg: ModelConfig) -> FasterRCNN:

@@ -67,6 +67,29 @@ def test_cards_without_box_nms_mean_hard_nms():
         ModelConfig.from_dict({**arch, "box_nms": "soft"})
 
 
+def test_deep_stem_takes_the_place_of_the_7x7_and_round_trips_through_its_card(tmp_path):
+    """The deep stem must hand the ResNet's bn1 what conv1 did (64 channels at half resolution), so
+    every feature level keeps its shape, and a card that says "deep" must rebuild it."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 224, 320)
+    plain, deep = build_model(ModelConfig()).eval(), build_model(ModelConfig(stem="deep")).eval()
+    assert [m.kernel_size for m in deep.backbone.body.conv1 if isinstance(m, torch.nn.Conv2d)] == [(3, 3)] * 3
+    with torch.no_grad():
+        a, b = plain.backbone(image), deep.backbone(image)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    losses = build_model(ModelConfig(stem="deep")).train()(*_two_cells())
+    assert all(torch.isfinite(v) for v in losses.values())
+    save_model(deep, deep.config, tmp_path, {"name": "untrained test placeholder"})
+    loaded, card = load_model(tmp_path)
+    assert card["architecture"]["stem"] == "deep"
+    torch.testing.assert_close(loaded.backbone.body.conv1[0].weight, deep.backbone.body.conv1[0].weight.half().float())
+    arch = ModelConfig().to_dict()
+    del arch["stem"]  # cards written before the option: torchvision's stem
+    assert ModelConfig.from_dict(arch).stem == "7x7"
+    with pytest.raises(ModelError, match="stem"):
+        build_model(ModelConfig(stem="5x5"))
+
+
 def test_class_balanced_sampler_gives_the_rare_class_its_share():
     # One field's RoI labels: 300 RBC, 20 platelet positives, 600 negatives, 20 ignored (-1).
     labels = torch.tensor([1] * 300 + [3] * 20 + [0] * 600 + [-1] * 20)

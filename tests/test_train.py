@@ -54,18 +54,20 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     split.write_text("BloodImage_00000\nBloodImage_00001\n")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "run",
         "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--rotate", 1, "--seed", 7,
-        "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--export", tmp_path / "model", check_rc=0)
+        "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--stem", "deep", "--export", tmp_path / "model", check_rc=0)
     card = read_card(tmp_path / "model")
     run = card["training"]["config"]
     assert (run["lr"], run["weight_decay"], run["mosaic"], run["rotate"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 1.0, 7, 2)
-    assert card["architecture"]["test_min_size"] == 320 and card["architecture"]["cascade_ious"] == [0.6]
+    arch = card["architecture"]
+    assert (arch["test_min_size"], arch["cascade_ious"], arch["stem"]) == (320, [0.6], "deep")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "one", "--epochs", 1,
         "--batch-size", 2, "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "none", "--export",
         tmp_path / "one-head", check_rc=0)
     assert read_card(tmp_path / "one-head")["architecture"]["cascade_ious"] == []
-    for bad in ("0.6,x", "0.6,7"):
-        r = cli("train", "--data", bccd, "--out", tmp_path / "bad", "--cascade", bad, check_rc=2)
-        assert "--cascade takes IoU thresholds" in r.stderr
+    for option, bad, says in (("--cascade", "0.6,x", "--cascade takes IoU thresholds"), ("--cascade", "0.6,7", "--cascade takes"),
+                              ("--stem", "5x5", "--stem must be one of 7x7, deep"), ("--backbone", "resnet99", "--backbone must be")):
+        r = cli("train", "--data", bccd, "--out", tmp_path / "bad", option, bad, check_rc=2)
+        assert says in r.stderr
 
 
 def _knows_cells(step: dict) -> bool:
