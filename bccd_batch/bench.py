@@ -21,9 +21,12 @@ from .engines import EngineError, one_ahead, select_engine, submit
 from .pipeline import RunOptions, open_fds, parse_devices, rss_mb, run
 
 
-def make_folder(src: Path, n: int, dest: Path) -> Path:
-    """n distinct file names (hard links, or copies across devices) spread over 10 slides."""
-    files = sorted(Path(src).glob("*.jpg"))
+class BenchError(Exception):
+    """Nothing to benchmark with; the message says why."""
+
+
+def make_folder(files: list[Path], n: int, dest: Path) -> Path:
+    """n distinct file names (hard links to `files`, or copies across devices) spread over 10 slides."""
     for i in range(n):
         d = dest / f"slide{i % 10:02d}"
         d.mkdir(parents=True, exist_ok=True)
@@ -91,10 +94,13 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
     """Rows for each engine:batch on `device`; then the last engine end to end over each set of
     several devices in `device_sets` (worker processes per device as in `run`). `run_opts`: as
     `end_to_end`'s."""
-    images = [decode_file(p) for p in sorted(Path(src).glob("*.jpg"))[:min(64, n)]]
+    files = sorted(Path(src).glob("*.jpg"))
+    if not files:
+        raise BenchError(f"no fields to copy: {src} holds no .jpg files")
+    images = [decode_file(p) for p in files[:min(64, n)]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_folder(src, n, Path(tmp) / "slides")
+        folder = make_folder(files, n, Path(tmp) / "slides")
         for name, batch in engines:
             try:
                 engine = select_engine(name, device, model_dir, batch, log=log)

@@ -395,14 +395,18 @@ def bench(
     gpu_decode: bool = typer.Option(True, help="As `run --gpu-decode`."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
-    from .bench import run_bench, table
+    from .bench import BenchError, run_bench, table
 
-    pairs = [(e.split(":")[0], int(e.split(":")[1])) for e in engines.split(",")]
-    if not any((data / "JPEGImages").glob("*.jpg")):
-        raise _fail(f"no BCCD fields to copy: {data / 'JPEGImages'} holds no .jpg files (set --data or BCCD_DATA)")
-    rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
-                     log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
-                     workers_per_device=workers_per_device, mps=mps, gpu_decode=gpu_decode)
+    try:
+        pairs = [(name, int(batch)) for name, batch in (e.split(":") for e in engines.split(","))]
+    except ValueError:
+        raise _fail(f"--engines takes engine:batch pairs separated by commas (torch:8,compiled:32), not {engines!r}")
+    try:
+        rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
+                         log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
+                         workers_per_device=workers_per_device, mps=mps, gpu_decode=gpu_decode)
+    except BenchError as e:
+        raise _fail(f"{e} (set --data or BCCD_DATA)")
     typer.echo(table(rows))
 
 

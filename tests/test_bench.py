@@ -15,6 +15,9 @@ def test_bench_rows_for_one_engine_and_a_device_set():
     assert text.count("\n") == 3 and "torch-eager-fp32" in text
 
 
-def test_bench_without_fields_to_copy_exits_2_with_the_reason(tmp_path):
+def test_bench_without_fields_to_copy_or_with_bad_engines_exits_2_with_the_reason(tmp_path):
     r = cli("bench", "--data", tmp_path, "--images", 4, "--engines", "torch:1", "--device", "cpu", check_rc=2)
     assert "holds no .jpg files" in r.stderr
+    for bad in ("torch", "torch:eight", "torch:8:1"):
+        r = cli("bench", "--data", DATA, "--images", 4, "--engines", bad, "--device", "cpu", check_rc=2)
+        assert "--engines takes engine:batch pairs" in r.stderr
