@@ -82,7 +82,6 @@ def train(
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
     rotate: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of rotating a training sample by any angle within 45 degrees (boxes as rotated ellipses); lowered val AP on BCCD (card)."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
-    pool_p2: bool = typer.Option(False, help="RoI features of boxes under 112 px (at 640) from an FPN level at stride 4 (P2) instead of 8; the RPN stays on P3-P6."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
@@ -125,7 +124,7 @@ def train(
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, rotate=rotate, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, stem=stem, box_class_balanced=balance_roi_classes,
-                                           cascade_ious=cascade_ious, pool_p2=pool_p2)
+                                           cascade_ious=cascade_ious)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
                f"{len(val_labels.records) if val_labels else 0}", err=True)
     summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,

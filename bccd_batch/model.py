@@ -24,7 +24,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -34,7 +34,6 @@ from .nms import select_detections
 CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 STEMS = ("7x7", "deep")
-P2 = "p2"  # the name of the stride-4 FPN level in a `pool_p2` model's features
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -65,9 +64,6 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = 150
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 1000
-    # RoIAlign reads boxes under 112 px (at 640: platelets, small RBCs) from an FPN level at stride
-    # 4 (P2, from layer1) instead of P3; the RPN stays on P3-P6 with its anchors (`RPNWithoutP2`).
-    pool_p2: bool = False
     box_head_convs: tuple[int, ...] = (128, 128)
     box_head_fc: int = 512
     box_batch_size_per_image: int = 256
@@ -133,12 +129,10 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
     if cfg.stem == "deep":
         body.conv1 = _deep_stem()
     c = 1 if cfg.backbone != "resnet50" else 4
-    layers = {"layer1": P2} if cfg.pool_p2 else {}
-    layers.update({"layer2": "0", "layer3": "1", "layer4": "2"})
     return BackboneWithFPN(
         body,
-        return_layers=layers,
-        in_channels_list=[64 * c, 128 * c, 256 * c, 512 * c][-len(layers):],
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128 * c, 256 * c, 512 * c],
         out_channels=cfg.fpn_channels,
         extra_blocks=LastLevelMaxPool(),
         norm_layer=nn.BatchNorm2d,
@@ -161,7 +155,7 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
     backbone = _backbone(cfg)
     anchors = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,) * len(cfg.anchor_sizes))
     rpn_head = Float32RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
-    roi_pool = MultiScaleRoIAlign(featmap_names=([P2] if cfg.pool_p2 else []) + ["0", "1", "2"], output_size=7, sampling_ratio=2)
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
     model = FasterRCNN(
         backbone,
         num_classes=None,
@@ -183,8 +177,6 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
-    if cfg.pool_p2:
-        model.rpn.__class__ = RPNWithoutP2  # FasterRCNN builds its RPN itself; same state, one more step
     if cfg.cascade_ious:
         model.roi_heads = CascadeRoIHeads(model.roi_heads, cfg)
     if cfg.box_class_balanced:
@@ -203,19 +195,6 @@ def box_heads(model: FasterRCNN) -> list[RoIHeads]:
     """The model's box heads in the order they run: its one head, or a cascade's first head and
     then its later stages (`CascadeRoIHeads`)."""
     return [model.roi_heads, *getattr(model.roi_heads, "stages", ())]
-
-
-def rpn_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The FPN levels the RPN reads: all but P2, which only RoIAlign reads."""
-    return {k: v for k, v in features.items() if k != P2}
-
-
-class RPNWithoutP2(RegionProposalNetwork):
-    """torchvision's RPN on every FPN level but P2, so a `pool_p2` model keeps the anchors (and the
-    RPN's cost) of P3-P6."""
-
-    def forward(self, images, features, targets=None):
-        return super().forward(images, rpn_features(features), targets)
 
 
 class Float32RPNHead(RPNHead):

@@ -35,7 +35,7 @@ def export_onnx(model: FasterRCNN, out_dir: Path, precision: str = "fp32", max_b
     box_paths = [out_dir / f"{name}-{precision}.onnx" for name in box_stage_names(model)]
     with torch.no_grad():
         torch.onnx.export(dense, (images,), str(dense_path), dynamo=True, opset_version=OPSET, external_data=False,
-                          input_names=["images"], output_names=dense_output_names(model),
+                          input_names=["images"], output_names=dense_output_names(),
                           dynamic_shapes={"images_u8": {0: batch}}, optimize=True)
         for box, path in zip(box_stages(model), box_paths):
             torch.onnx.export(box.eval().to("cpu", dtype), (rois,), str(path), dynamo=True, opset_version=OPSET,

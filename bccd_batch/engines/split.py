@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.poolers import _setup_scales
 
-from ..model import Uploads, arrays_to_tuples, box_heads, detections_to_tuples, image_to_input, rpn_features
+from ..model import Uploads, arrays_to_tuples, box_heads, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
 from . import field_hw, one_ahead
 
@@ -48,8 +48,8 @@ def model_input_geometry(model: FasterRCNN) -> tuple[tuple[int, int], tuple[int,
 
 
 class DenseStage(nn.Module):
-    """Outputs, in order: the FPN maps the RoI pooler reads (P3-P5, or P2-P5), then per RPN level
-    (P3-P6) the objectness logits, then per RPN level the box deltas (`dense_layout`)."""
+    """Outputs, in order: the FPN maps the RoI pooler reads ('0', '1', '2'), then per level
+    (including 'pool') the RPN objectness logits, then per level the RPN box deltas."""
 
     def __init__(self, model: FasterRCNN):
         super().__init__()
@@ -59,7 +59,6 @@ class DenseStage(nn.Module):
         self.resized_hw, self.padded_hw = model_input_geometry(model)
         self.backbone = model.backbone
         self.rpn_head = model.rpn.head
-        self.pooled = list(model.roi_heads.box_roi_pool.featmap_names)
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Same order as torchvision's transform: normalise, resize bilinearly, zero-pad to a
@@ -70,9 +69,9 @@ class DenseStage(nn.Module):
         (h, w), (ph, pw) = self.resized_hw, self.padded_hw
         if (ph, pw) != (h, w):
             x = F.pad(x, (0, pw - w, 0, ph - h))
-        feats = self.backbone(x)
-        objectness, deltas = self.rpn_head(list(rpn_features(feats).values()))
-        return (*(feats[k] for k in self.pooled), *objectness, *deltas)
+        feats = list(self.backbone(x).values())
+        objectness, deltas = self.rpn_head(feats)
+        return (*feats[:3], *objectness, *deltas)
 
 
 def box_stage_names(model: FasterRCNN) -> list[str]:
@@ -94,14 +93,8 @@ def box_stages(model: FasterRCNN) -> list[BoxStage]:
     return [BoxStage(h) for h in box_heads(model)]
 
 
-def dense_layout(model: FasterRCNN) -> tuple[int, int]:
-    """(FPN maps the RoI pooler reads, RPN levels): how DenseStage's outputs divide."""
-    return len(model.roi_heads.box_roi_pool.featmap_names), len(model.rpn.anchor_generator.sizes)
-
-
-def dense_output_names(model: FasterRCNN) -> list[str]:
-    pooled, levels = dense_layout(model)
-    return [f"fpn{i}" for i in range(pooled)] + [f"objectness{i}" for i in range(levels)] + [f"deltas{i}" for i in range(levels)]
+def dense_output_names(n_levels: int = 4) -> list[str]:
+    return [f"fpn{i}" for i in range(3)] + [f"objectness{i}" for i in range(n_levels)] + [f"deltas{i}" for i in range(n_levels)]
 
 
 def _decode(coder: BoxCoder, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -274,8 +267,7 @@ class SplitDetector:
         """-> (detections [B, k, 7]: x0, y0, x1, y1 in field pixels, score, label, kept; converged [2])."""
         n, _, h, w = batch_u8.shape
         outs = self.dense(batch_u8)
-        p, r = dense_layout(self.model)
-        fpn, objectness, deltas = outs[:p], [o.float() for o in outs[p:p + r]], [o.float() for o in outs[p + r:]]
+        fpn, objectness, deltas = outs[:3], [o.float() for o in outs[3:7]], [o.float() for o in outs[7:11]]
         rois, slot_used, props_converged = self._proposals(objectness, deltas, rounds)
         k = rois.shape[1]
         probs = []
