@@ -82,6 +82,7 @@ def train(
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
     rotate: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of rotating a training sample by any angle within 45 degrees (boxes as rotated ellipses); lowered val AP on BCCD (card)."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
+    box_loss: str = typer.Option("smooth_l1", help="The box heads' regression loss: smooth_l1 (torchvision's, on encoded deltas) or giou."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
@@ -96,7 +97,7 @@ def train(
     import torch
 
     from .labels import LabelError, read_labels
-    from .model import BACKBONES, STEMS, ModelConfig
+    from .model import BACKBONES, BOX_LOSSES, STEMS, ModelConfig
     from .train import TrainConfig, train as run_training
 
     try:
@@ -106,7 +107,7 @@ def train(
         valid = False
     if not valid:
         raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {cascade!r}")
-    for name, value, allowed in (("--backbone", backbone, BACKBONES), ("--stem", stem, STEMS)):
+    for name, value, allowed in (("--backbone", backbone, BACKBONES), ("--stem", stem, STEMS), ("--box-loss", box_loss, BOX_LOSSES)):
         if value not in allowed:
             raise _fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     if device == "auto":
@@ -124,7 +125,7 @@ def train(
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, rotate=rotate, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, stem=stem, box_class_balanced=balance_roi_classes,
-                                           cascade_ious=cascade_ious)
+                                           cascade_ious=cascade_ious, box_loss=box_loss)
     typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
                f"{len(val_labels.records) if val_labels else 0}", err=True)
     summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,

@@ -54,18 +54,19 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     split.write_text("BloodImage_00000\nBloodImage_00001\n")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "run",
         "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--rotate", 1, "--seed", 7,
-        "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--stem", "deep", "--export", tmp_path / "model", check_rc=0)
+        "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--stem", "deep", "--box-loss", "giou", "--export", tmp_path / "model", check_rc=0)
     card = read_card(tmp_path / "model")
     run = card["training"]["config"]
     assert (run["lr"], run["weight_decay"], run["mosaic"], run["rotate"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 1.0, 7, 2)
     arch = card["architecture"]
-    assert (arch["test_min_size"], arch["cascade_ious"], arch["stem"]) == (320, [0.6], "deep")
+    assert (arch["test_min_size"], arch["cascade_ious"], arch["stem"], arch["box_loss"]) == (320, [0.6], "deep", "giou")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "one", "--epochs", 1,
         "--batch-size", 2, "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "none", "--export",
         tmp_path / "one-head", check_rc=0)
     assert read_card(tmp_path / "one-head")["architecture"]["cascade_ious"] == []
     for option, bad, says in (("--cascade", "0.6,x", "--cascade takes IoU thresholds"), ("--cascade", "0.6,7", "--cascade takes"),
-                              ("--stem", "5x5", "--stem must be one of 7x7, deep"), ("--backbone", "resnet99", "--backbone must be")):
+                              ("--stem", "5x5", "--stem must be one of 7x7, deep"), ("--backbone", "resnet99", "--backbone must be"),
+                              ("--box-loss", "l2", "--box-loss must be one of smooth_l1, giou")):
         r = cli("train", "--data", bccd, "--out", tmp_path / "bad", option, bad, check_rc=2)
         assert says in r.stderr
 
