@@ -82,7 +82,7 @@ def train(
     close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
     rotate: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of rotating a training sample by any angle within 45 degrees (boxes as rotated ellipses); lowered val AP on BCCD (card)."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
-    box_loss: str = typer.Option("smooth_l1", help="The box heads' regression loss: smooth_l1 (torchvision's, on encoded deltas) or giou."),
+    box_loss: str = typer.Option("smooth_l1", help="The box heads' regression loss: smooth_l1 (torchvision's, on encoded deltas) or giou (lowered val AP on BCCD, card)."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
