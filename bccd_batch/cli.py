@@ -46,25 +46,14 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     pass
 
 
-def _split(data: Path, split: str | None) -> Path | None:
-    if split is None:
-        return None
-    p = Path(split)
-    if p.is_file():
-        return p
-    named = data / "ImageSets" / "Main" / f"{split}.txt"
-    if named.is_file():
-        return named
-    raise _fail(f"split {split!r} is neither a file nor {named}")
-
-
 @app.command(rich_help_panel="Model")
 def train(
-    data: Path = typer.Option(DEFAULT_DATA, envvar="BCCD_DATA", help="VOC root (Annotations/, JPEGImages/, ImageSets/)."),
-    labels: Optional[Path] = typer.Option(None, help="Labels instead of DATA's VOC XML: a VOC folder, CSV or COCO JSON."),
-    images: Optional[Path] = typer.Option(None, help="Image folder for --labels (default DATA/JPEGImages)."),
-    train_split: str = typer.Option("train", help="Split name under DATA/ImageSets/Main or a file of image ids."),
-    val_split: Optional[str] = typer.Option("val", help="Split used for evaluation and choosing the best checkpoint."),
+    data: list[Path] = typer.Option([DEFAULT_DATA], envvar="BCCD_DATA",
+                                    help="A labelled dataset (VOC root, YOLO folder or data.yaml, CSV, COCO JSON; images of "
+                                         "CSV/COCO beside the file); repeat for several, the most completely labelled first."),
+    train_split: str = typer.Option("train", help="Each dataset's split list of this name, or a file of image names."),
+    val_split: str = typer.Option("val", help="As --train-split, for the val fields; a dataset without it gives --val-fraction."),
+    val_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Seeded share of val fields of a dataset without a val split list."),
     out: Path = typer.Option(Path("train-out"), help="Checkpoints, history.json and TensorBoard events."),
     epochs: int = typer.Option(200, min=1),
     batch_size: int = typer.Option(16, min=1),
@@ -92,11 +81,13 @@ def train(
     time_budget: Optional[float] = typer.Option(None, help="Seconds for the run; the epoch count (at most --epochs) is fitted to it after 3 and 20 epochs."),
     export: Optional[Path] = typer.Option(None, help="Also write the best weights + model card to this folder."),
 ) -> None:
-    """Train the Faster R-CNN from scratch (AMP on CUDA), keeping the best checkpoint by val AP, and
-    choose that checkpoint's count threshold on the train and val fields by per-image count error."""
+    """Train the Faster R-CNN from scratch (AMP on CUDA) on one or more datasets, keeping the best
+    checkpoint by val AP averaged over the val sources, and choose its per-class count thresholds on
+    the first dataset's training fields by per-image count error."""
     import torch
 
-    from .labels import LabelError, read_labels
+    from .datasets import load_training_data
+    from .labels import LabelError
     from .model import BACKBONES, BOX_LOSSES, STEMS, ModelConfig
     from .train import TrainConfig, train as run_training
 
@@ -112,28 +103,44 @@ def train(
             raise _fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    src = labels or data
-    image_root = images or (data / "JPEGImages")
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        train_labels = read_labels(src, _split(data, train_split))
-        val_labels = read_labels(src, _split(data, val_split)) if val_split else None
+        training_data = load_training_data(data, train_split, val_split, val_fraction, seed, log=log)
     except LabelError as e:
         raise _fail(str(e))
-    if not image_root.is_dir():
-        raise _fail(f"image folder not found: {image_root}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
                       copy_paste=copy_paste, close_mosaic=close_mosaic, rotate=rotate, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, stem=stem, box_class_balanced=balance_roi_classes,
                                            cascade_ious=cascade_ious, box_loss=box_loss)
-    typer.echo(f"training on {len(train_labels.records)} images ({device}), validating on "
-               f"{len(val_labels.records) if val_labels else 0}", err=True)
-    summary = run_training(train_labels, image_root, val_labels, image_root if val_labels else None, out, cfg,
-                           model_cfg, device, resume=resume, init=init, max_steps=max_steps,
-                           log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"training on {len(training_data.train)} fields ({device}), validating on "
+               f"{ {k: len(v) for k, v in training_data.val_sources().items()} }", err=True)
+    summary = run_training(training_data, out, cfg, model_cfg, device, resume=resume, init=init, max_steps=max_steps, log=log)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if export:
-        export_weights([out / "best.pt"], export, data=str(data), train_split=train_split, val_split=val_split)
+        export_weights([out / "best.pt"], export, data=", ".join(map(str, data)), train_split=train_split, val_split=val_split)
+
+
+@app.command("complete-labels", rich_help_panel="Model")
+def complete_labels_cmd(
+    data: Path = typer.Argument(..., help="Dataset whose labels leave cells out (VOC root, YOLO folder, CSV or COCO JSON)."),
+    reference: Path = typer.Option(..., help="Complete labels of some of DATA's fields (matched by pixels), to choose the teacher's thresholds on."),
+    out: Path = typer.Option(..., help="YOLO folder to write (labels/, splits/, pseudo.csv; images/ links to DATA's)."),
+    model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Teacher model folder; default: the embedded model."),
+    split: str = typer.Option("train", help="Split of DATA to complete ('all' for every field)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Add a teacher's detections to fields whose labels leave cells out, for `train --data`."""
+    from .complete import complete_labels
+    from .labels import LabelError
+    from .model import ModelError
+
+    try:
+        chosen = complete_labels(data, reference, model or default_model_dir(), out, None if split == "all" else split,
+                                 device, log=lambda m: typer.echo(m, err=True))
+    except (LabelError, ModelError, KeyError, ValueError) as e:
+        raise _fail(str(e))
+    typer.echo(json.dumps(chosen, indent=1))
 
 
 @app.command("export-weights", rich_help_panel="Model")
@@ -177,12 +184,12 @@ def export_weights(
     if chosen is not None:
         extra["thresholds"] = {"detection": cfg.detection_threshold, "count": chosen["count"]}
         extra["threshold_choice"] = {"count": (
-            f"{chosen['count']} minimises the sum over the classes of the per-image count MAE on the run's "
-            f"{chosen['images']} training and val fields (" + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items())
-            + f", sum {chosen['sum_of_MAE']:.3f}), chosen by `bccd-batch train` for these weights")}
+            "per class, the score with the lowest per-image count MAE on the run's "
+            f"{chosen['images']} training fields of its first dataset (MAE " + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items())
+            + "), chosen by `bccd-batch train` for these weights")}
     else:
-        typer.echo("no count threshold was chosen for these weights (only `train`'s best.pt has one): the card "
-                   "says 0.5; choose one with scripts/choose_count_threshold.py", err=True)
+        typer.echo("no count thresholds were chosen for these weights (only `train`'s best.pt has them): the card "
+                   "says 0.5", err=True)
     card = save_model(model, cfg, out, extra)
     typer.echo(f"wrote {out / card['weights']['file']} (sha256 {card['weights']['sha256'][:16]}…) and {out / 'model.json'}")
 

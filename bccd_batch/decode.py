@@ -130,6 +130,21 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     return np.array(im)  # writable: torch.from_numpy refuses read-only memory silently
 
 
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image file as `decode_file` would turn it (EXIF orientation applied),
+    from its headers alone; DecodeError when it is no image."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if "exif" in im.info and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+                w, h = h, w
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(f"corrupt or truncated image: {e}") from None
+    return w, h
+
+
 def decode_file(path) -> np.ndarray:
     with open(path, "rb") as f:
         return decode_bytes(f.read())

@@ -29,9 +29,9 @@ from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .cells import CLASSES, arrays_to_tuples
 from .nms import select_detections
 
-CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 STEMS = ("7x7", "deep")
 BOX_LOSSES = ("smooth_l1", "giou")
@@ -380,25 +380,9 @@ def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> to
     return field_to_device(image, device).float().div_(255)
 
 
-def class_counts(dets: list[tuple], threshold: float) -> dict[str, int]:
-    """A field's cells per class: its (class, score, ...) detections scoring >= `threshold`."""
-    counts = dict.fromkeys(CLASSES, 0)
-    for d in dets:
-        if d[1] >= threshold:
-            counts[d[0]] += 1
-    return counts
-
-
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
     """torchvision's output dict -> [(cls, score, x0, y0, x1, y1)], rounded to what the CSVs keep."""
     return arrays_to_tuples(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy(), d["labels"].cpu().numpy())
-
-
-def arrays_to_tuples(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> list[tuple]:
-    """float32 boxes [N, 4], scores [N] and 1-based labels [N] -> detection tuples, rounded in
-    float32 (so every engine's numbers round alike)."""
-    return [(CLASSES[int(l) - 1], s, *b)
-            for b, s, l in zip(boxes.round(2).tolist(), scores.round(4).tolist(), labels.tolist())]
 
 
 def sha256_file(path: Path) -> str:

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .model import CLASSES, class_counts
+from .cells import CLASSES, Threshold, class_counts
 from .quality import field_flags
 from .store import STORE_NAME, unpack_detections
 
@@ -46,7 +46,7 @@ def _blank_none(v):
     return "" if v is None else v
 
 
-def gather(store, run_id: int, root: str, count_threshold: float) -> dict:
+def gather(store, run_id: int, root: str, count_threshold: Threshold) -> dict:
     """Everything the run's files and report show, read once from the store. The store keeps each
     image's latest result, so for an earlier run, the fields a later run processed again show that
     run's result (`later`); the earlier run's own CSVs keep what it found."""

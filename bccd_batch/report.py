@@ -19,9 +19,9 @@ import jinja2
 from PIL import Image
 
 from . import __version__
+from .cells import CLASSES, Threshold, class_threshold
 from .decode import DecodeError, decode_file
 from .labels import box_counts
-from .model import CLASSES
 from .outputs import atomic_write, gather, stored_run
 from .store import STORE_NAME, Store
 
@@ -72,20 +72,29 @@ def slide_flags(slide: dict, uncertain_ratio: float, flagged_fields: int = 0) ->
     return flags
 
 
-def uncertain_detections(dets: list[tuple], count_threshold: float) -> int:
-    """A field's near misses: detections scoring from half the count threshold up to it, which the
-    count leaves out. Fields with many of them have the least trustworthy counts: on BCCD (train
-    and val alike) the tenth of fields with the most had nearly twice the mean count error
+def uncertain_detections(dets: list[tuple], count_threshold: Threshold) -> int:
+    """A field's near misses: detections scoring from half their class's count threshold up to it,
+    which the count leaves out. Fields with many of them have the least trustworthy counts: on BCCD
+    (train and val alike) the tenth of fields with the most had nearly twice the mean count error
     (scripts/review_order.py)."""
-    return sum(1 for d in dets if UNCERTAIN_FROM * count_threshold <= d[1] < count_threshold)
+    return sum(1 for d in dets if UNCERTAIN_FROM * class_threshold(count_threshold, d[0]) <= d[1]
+               < class_threshold(count_threshold, d[0]))
 
 
-def _boxes(dets, threshold: float | None = None) -> list[dict]:
-    """Boxes to draw: all labels, or the detections from half the count `threshold` up, those
-    under it (`uncertain_detections`, not counted) marked so the report can tell them apart."""
+def _boxes(dets, threshold: Threshold | None = None) -> list[dict]:
+    """Boxes to draw: all labels, or the detections from half their class's count `threshold` up,
+    those under it (`uncertain_detections`, not counted) marked so the report can tell them apart."""
+    cut = {c: class_threshold(threshold, c) for c in CLASSES} if threshold is not None else None
     return [{"cls": d[0], "x": d[-4], "y": d[-3], "w": d[-2] - d[-4], "h": d[-1] - d[-3],
-             "score": d[1] if len(d) == 6 else None, "uncertain": threshold is not None and d[1] < threshold}
-            for d in dets if threshold is None or d[1] >= UNCERTAIN_FROM * threshold]
+             "score": d[1] if len(d) == 6 else None, "uncertain": cut is not None and d[1] < cut[d[0]]}
+            for d in dets if cut is None or d[1] >= UNCERTAIN_FROM * cut[d[0]]]
+
+
+def threshold_text(threshold: Threshold) -> str:
+    """"0.5", or per class "RBC 0.35 · WBC 0.6 · Platelets 0.4"."""
+    if isinstance(threshold, dict):
+        return " · ".join(f"{c} {class_threshold(threshold, c):g}" for c in CLASSES)
+    return f"{threshold:g}"
 
 
 def build_context(store: Store, run) -> dict:
@@ -143,8 +152,8 @@ def build_context(store: Store, run) -> dict:
 
     return {
         "title": f"bccd-batch report {run_name}", "run": info, "run_name": run_name, "version": __version__,
-        "classes": CLASSES, "colours": CLASS_COLOURS, "count_threshold": thr["count"],
-        "uncertain_from": UNCERTAIN_FROM * thr["count"], "slides": slides, "totals": data["totals"],
+        "classes": CLASSES, "colours": CLASS_COLOURS, "count_threshold": threshold_text(thr["count"]),
+        "uncertain_from": UNCERTAIN_FROM, "slides": slides, "totals": data["totals"],
         "fields": sum(s["fields"] for s in data["slides"].values()), "gallery": gallery,
         "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics, "later": data["later"],
         "label_gaps": label_gaps,

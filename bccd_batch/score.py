@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .labels import box_counts, read_labels
-from .model import CLASSES, class_counts
+from .cells import CLASSES, class_counts, class_threshold
+from .labels import LabelSet, box_counts, read_labels
 
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
                    "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large"]
@@ -160,15 +160,17 @@ COUNT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
                            thresholds: tuple[float, ...] = COUNT_THRESHOLDS) -> dict:
-    """The score threshold at which per-image counts err least: the lowest sum over classes of
-    the per-image count MAE over the labelled fields (the lowest threshold on a tie). How a model
-    card's count threshold is chosen, on train+val, so it is not tuned by eye or to val alone."""
+    """Per class, the score threshold at which per-image counts err least (lowest per-image count
+    MAE over the labelled fields; the lowest threshold on a tie): a class's count depends on its
+    own threshold alone. How a model card's count thresholds are chosen, on training fields with
+    complete labels, so they are not tuned by eye or to the fields they are reported on."""
     results = evaluate_all([CountEvaluator(t) for t in thresholds], gt, preds)
-    sums = [sum(c["MAE"] for c in r["per_class"].values()) for r in results]
-    best = int(np.argmin(sums))
-    return {"count": thresholds[best], "sum_of_MAE": sums[best], "images": len(gt),
-            "MAE": {c: v["MAE"] for c, v in results[best]["per_class"].items()},
-            "sum_of_MAE_by_threshold": dict(zip(thresholds, sums))}
+    mae = {c: [r["per_class"][c]["MAE"] for r in results] for c in CLASSES}
+    best = {c: int(np.argmin(v)) for c, v in mae.items()}
+    return {"count": {c: thresholds[i] for c, i in best.items()}, "images": len(gt),
+            "MAE": {c: mae[c][i] for c, i in best.items()},
+            "bias": {c: results[i]["per_class"][c]["mean_signed_error"] for c, i in best.items()},
+            "MAE_by_threshold": {c: dict(zip(thresholds, v)) for c, v in mae.items()}}
 
 
 def _iou(a, b) -> float:
@@ -209,7 +211,7 @@ class MatchEvaluator:
         return pairs
 
     def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
-        kept = [p for p in preds if p[1] >= self.threshold]
+        kept = [p for p in preds if p[1] >= class_threshold(self.threshold, p[0])]
         boxes = gt["boxes"]
         tp = len(self._match(boxes, kept, same_class=True))
         fp, fn = len(kept) - tp, len(boxes) - tp
@@ -256,6 +258,35 @@ class LabelGapEvaluator:
                 "per_class": {c: sum(1 for f in self._fields.values() if c in f) for c in CLASSES}}
 
 
+class GroupedEvaluator:
+    """Runs its own evaluators (from `make()`) per group of fields (`group_of`: key -> group, e.g. the
+    slide folder) and gives {group: their results}, so a lab sees how the model does on each slide."""
+
+    def __init__(self, group_of: dict[str, str], make) -> None:
+        self.group_of, self.make = group_of, make
+        self.reset()
+
+    def reset(self) -> None:
+        self._groups: dict[str, list] = {}
+
+    def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
+        evaluators = self._groups.setdefault(self.group_of[key], self.make())
+        for ev in evaluators:
+            ev.process(key, gt, preds)
+
+    def evaluate(self) -> dict:
+        return {g: [ev.evaluate() for ev in evs] for g, evs in sorted(self._groups.items())}
+
+
+def slide_summary(coco: dict, counting: dict) -> dict:
+    """One slide's figures as metrics.json and the report give them."""
+    return {"n_images": coco["n_images"], "AP": coco["stats"]["AP"], "AP50": coco["stats"]["AP50"],
+            "per_class": {c: {"AP50": coco["per_class"].get(c, {}).get("AP50", -1.0),
+                              "n_gt": coco["per_class"].get(c, {}).get("n_gt", 0),
+                              "MAE": counting["per_class"][c]["MAE"], "bias": counting["per_class"][c]["mean_signed_error"]}
+                          for c in CLASSES}}
+
+
 def evaluate_all(evaluators: list, gt: dict[str, dict], preds: dict[str, list[tuple]]) -> list[dict]:
     for ev in evaluators:
         ev.reset()
@@ -265,24 +296,32 @@ def evaluate_all(evaluators: list, gt: dict[str, dict], preds: dict[str, list[tu
     return [ev.evaluate() for ev in evaluators]
 
 
-def match_labels(label_keys: list[str], image_rels: list[str]) -> dict[str, str]:
+def match_labels(labels: LabelSet, image_rels: list[str]) -> dict[str, str]:
     """image rel -> label key: the same relative path, else the same file name when that is unique
-    on both sides (VOC labels name `BloodImage_00001.jpg`, a slide folder holds `slide1/BloodImage_00001.jpg`)."""
-    labels = set(label_keys)
-    by_name: dict[str, list[str]] = {}
-    for k in label_keys:
-        by_name.setdefault(PurePosixPath(k).name, []).append(k)
-    rel_names: dict[str, int] = {}
-    for r in image_rels:
-        rel_names[PurePosixPath(r).name] = rel_names.get(PurePosixPath(r).name, 0) + 1
-    out = {}
-    for r in image_rels:
-        name = PurePosixPath(r).name
-        if r in labels:
-            out[r] = r
-        elif len(by_name.get(name, [])) == 1 and rel_names[name] == 1:
-            out[r] = by_name[name][0]
-    return out
+    on both sides (VOC labels name `BloodImage_00001.jpg`, a slide folder holds `slide1/BloodImage_00001.jpg`),
+    else, for a VOC XML whose <filename> names no image (a renamed field's stale tag), the XML's own
+    name against the image's, said once in `labels.warnings`."""
+    def unique_by(names, key):
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(key(n), []).append(n)
+        return {k: v[0] for k, v in groups.items() if len(v) == 1}
+
+    name = lambda p: PurePosixPath(p).name  # noqa: E731
+    keys = set(labels.records)
+    by_name, rel_by_name = unique_by(keys, name), unique_by(image_rels, name)
+    out = {r: r if r in keys else by_name[name(r)] for r in image_rels
+           if r in keys or (name(r) in by_name and name(r) in rel_by_name)}
+    left = keys - set(out.values())
+    stem = lambda p: PurePosixPath(p).stem  # noqa: E731
+    by_xml = unique_by([k for k in left if labels.records[k].get("label_stem")], lambda k: labels.records[k]["label_stem"])
+    rel_by_stem = unique_by([r for r in image_rels if r not in out], stem)
+    renamed = {r: by_xml[s] for s, r in rel_by_stem.items() if s in by_xml}
+    if renamed:
+        r, k = next(iter(sorted(renamed.items())))
+        labels.warnings.append(f"{len(renamed)} VOC label files matched to their image by their own name, as their "
+                               f"<filename> names no image (e.g. {labels.records[k]['label_stem']}.xml names {k!r}, matched to {r})")
+    return {**out, **renamed}
 
 
 def resolve_run_name(out: Path, run_name: str) -> str:
@@ -310,15 +349,18 @@ def score_run(out: Path, run_name: str, labels_path: Path, resamples: int) -> di
         threshold = info["model"]["thresholds"]["count"]
         data = gather(store, run["id"], run["slides_root"], threshold)
         ok_rels = sorted(data["counts"])
-        matched = match_labels(list(labels.records), ok_rels)
+        matched = match_labels(labels, ok_rels)
         gt = {rel: labels.records[key] for rel, key in matched.items()}
         for rel, rec in gt.items():
             if rec["width"] is None:  # labels without a size (some CSV/COCO files): use the image's
                 row = next(r for r in data["images"] if r["rel"] == rel)
                 gt[rel] = {**rec, "width": row["width"], "height": row["height"]}
         preds = {rel: data["detections"][rel] for rel in gt}
-        coco, counting, matching, label_gaps = evaluate_all(
-            [COCOEvaluator(resamples), CountEvaluator(threshold), MatchEvaluator(threshold), LabelGapEvaluator()], gt, preds)
+        slide_of = {r["rel"]: r["slide"] for r in data["images"]}
+        by_slide = GroupedEvaluator(slide_of, lambda: [COCOEvaluator(), CountEvaluator(threshold)])
+        coco, counting, matching, label_gaps, slides = evaluate_all(
+            [COCOEvaluator(resamples), CountEvaluator(threshold), MatchEvaluator(threshold), LabelGapEvaluator(), by_slide],
+            gt, preds)
         metrics = {
             "run": run_name, "labels": str(labels_path), "n_images_scored": len(gt),
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),
@@ -327,6 +369,7 @@ def score_run(out: Path, run_name: str, labels_path: Path, resamples: int) -> di
             # Labelled fields scored on a later run's result (outputs.gather).
             "processed_later": len(set(data["later"]) & set(gt)),
             "coco": coco, "counting": counting, "matching": matching, "label_gaps": label_gaps,
+            "per_slide": {slide: slide_summary(*results) for slide, results in slides.items()},
             # Kept so the report can draw ground truth beside the predictions.
             "ground_truth": {rel: rec["boxes"] for rel, rec in gt.items()},
         }

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .model import CLASSES
+from .cells import CLASSES
 
 STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
 

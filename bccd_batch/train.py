@@ -20,10 +20,10 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import transforms as T
-from .decode import DecodeError, decode_file
-from .labels import LabelSet
+from .datasets import Field, TrainingData
 from .progress import Progress
-from .model import CLASSES, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
+from .cells import CLASSES
+from .model import ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
 
@@ -66,22 +66,17 @@ def fitted_epochs(budget: float, elapsed: float, per_epoch: float, done: int, ca
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """Images decoded once into memory (BCCD-sized sets are small); augmentation per access."""
+    """Fields decoded once (datasets.load_training_data) held as tensors; augmentation per access."""
 
-    def __init__(self, labels: LabelSet, image_root: Path, train: bool, mosaic: float = 0.0, copy_paste: float = 0.0,
+    def __init__(self, fields: list[Field], train: bool, mosaic: float = 0.0, copy_paste: float = 0.0,
                  rotate: float = 0.0):
         self.train, self.mosaic, self.copy_paste, self.rotate, self.items = train, mosaic, copy_paste, rotate, []
-        self.warnings = list(labels.warnings)
-        for key in sorted(labels.records):
-            rec = labels.records[key]
-            try:
-                img = torch.from_numpy(decode_file(Path(image_root) / key)).permute(2, 0, 1).contiguous()
-            except (DecodeError, OSError) as e:
-                self.warnings.append(f"{key}: image unusable for training ({e}), skipped")
-                continue
-            boxes = torch.tensor([b[1:] for b in rec["boxes"]], dtype=torch.float32).reshape(-1, 4)
-            cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in rec["boxes"]], dtype=torch.int64)
-            self.items.append((key, img, boxes, cls))
+        self.records = {f.key: f.record for f in fields}
+        for f in fields:
+            img = torch.from_numpy(f.pixels).permute(2, 0, 1).contiguous()
+            boxes = torch.tensor([b[1:] for b in f.record["boxes"]], dtype=torch.float32).reshape(-1, 4)
+            cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in f.record["boxes"]], dtype=torch.int64)
+            self.items.append((f.key, img, boxes, cls))
         paste = {CLASSES.index("Platelets") + 1}
         self.paste_bank = [c for it in self.items for c in T.cell_crops(*it[1:], paste)] if copy_paste else []
 
@@ -137,14 +132,21 @@ def predict(model, dataset: DetectionDataset, device, batch_size: int = 8) -> di
     return out
 
 
-def labelled_predictions(model, dataset: DetectionDataset, labels: LabelSet, device) -> tuple[dict, dict]:
+def labelled_predictions(model, dataset: DetectionDataset, device) -> tuple[dict, dict]:
     """(labels, detections) of every field of `dataset`, keyed alike, as the evaluators take them."""
-    return {it[0]: labels.records[it[0]] for it in dataset.items}, predict(model, dataset, device)
+    return dataset.records, predict(model, dataset, device)
 
 
-def evaluate(model, dataset: DetectionDataset, labels: LabelSet, device) -> dict:
-    (coco,) = evaluate_all([COCOEvaluator()], *labelled_predictions(model, dataset, labels, device))
-    return coco
+def evaluate(model, val_sets: dict[str, DetectionDataset], device) -> dict[str, dict]:
+    """COCO figures per val source, and under "mean" the mean of each figure over the sources: what
+    the best checkpoint is chosen by, so a model must serve every source, not the largest."""
+    per_source = {}
+    for source, ds in val_sets.items():
+        (per_source[source],) = evaluate_all([COCOEvaluator()], *labelled_predictions(model, ds, device))
+    names = next(iter(per_source.values()))["stats"]
+    # A figure a source has none of (COCO's -1: no small boxes, say) is left out of its mean.
+    mean = {k: [c["stats"][k] for c in per_source.values() if c["stats"][k] > -1] for k in names}
+    return {**per_source, "mean": {"stats": {k: float(np.mean(v)) if v else -1.0 for k, v in mean.items()}}}
 
 
 def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
@@ -195,11 +197,11 @@ def _summary_writer(out_dir: Path):
     return SummaryWriter(str(out_dir / "tb"))
 
 
-def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None, val_root: Path | None,
-          out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, device: str,
+def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, device: str,
           resume: Path | None = None, init: Path | None = None, max_steps: int | None = None, log=print) -> dict:
     """Train; writes out_dir/{last,best}.pt and history.json. Returns a summary dict. `init`: a
-    model folder whose weights (and card architecture) to start from, on a fresh schedule."""
+    model folder whose weights (and card architecture) to start from, on a fresh schedule. The
+    best checkpoint is the one with the highest val AP averaged over the val sources."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -212,10 +214,9 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
         # training 10x slower on an H100 (measured), so leave it off.
         torch.backends.cudnn.benchmark = False
 
-    train_ds = DetectionDataset(train_labels, train_root, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste,
-                                rotate=cfg.rotate)
-    val_ds = DetectionDataset(val_labels, val_root, train=False) if val_labels else None
-    for w in train_ds.warnings + (val_ds.warnings if val_ds else []):
+    train_ds = DetectionDataset(data.train, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste, rotate=cfg.rotate)
+    val_sets = {source: DetectionDataset(fields, train=False) for source, fields in data.val_sources().items()}
+    for w in data.warnings:
         log(f"warning: {w}")
     if len(train_ds) == 0:
         raise ValueError("no usable training images")
@@ -241,7 +242,8 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
     if cfg.channels_last and dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    run_record = {"train_images": len(train_ds), "val_images": len(val_ds) if val_ds else 0,
+    run_record = {"train_images": len(train_ds), "val_images": {k: len(v) for k, v in val_sets.items()},
+                  "datasets": data.summary,
                   "init": init_record,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                   "torch": torch.__version__}
@@ -329,25 +331,31 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
                **{k: v / n_steps for k, v in sums.items()}}
         last_epoch = epoch + 1 == cfg.epochs or (max_steps is not None and step >= max_steps)
         fit_budget = cfg.time_budget is not None and epoch + 1 - start_epoch in FIT_AFTER and not last_epoch
-        eval_now = val_ds is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch or fit_budget)
+        eval_now = bool(val_sets) and ((epoch + 1) % cfg.eval_every == 0 or last_epoch or fit_budget)
         train_seconds = time.monotonic() - t0
         if eval_now:
             t_eval = time.monotonic()
-            coco = evaluate(ema.module, val_ds, val_labels, dev)
+            coco = evaluate(ema.module, val_sets, dev)
             eval_seconds = time.monotonic() - t_eval
-            rec.update({f"val_{k}": v for k, v in coco["stats"].items()})
-            rec.update({f"val_AP50_{c}": v["AP50"] for c, v in coco["per_class"].items()})
+            rec.update({f"val_{k}": v for k, v in coco["mean"]["stats"].items()})
+            for source, c in coco.items():
+                if source != "mean" and len(val_sets) > 1:
+                    rec.update({f"val_{source}_{k}": c["stats"][k] for k in ("AP", "AP50")})
+                rec.update({f"val_{'' if len(val_sets) == 1 else source + '_'}AP50_{cls}": v["AP50"]
+                            for cls, v in c.get("per_class", {}).items()})
             if writer:
-                for k, v in coco["stats"].items():
-                    writer.add_scalar(f"val/{k}", v, step)
-            if coco["stats"]["AP"] > best_ap:
-                best_ap = coco["stats"]["AP"]
-                torch.save({"model": ema.module.state_dict(), "epoch": epoch + 1, "val": coco["stats"], **described()},
+                for source, c in coco.items():
+                    for k, v in c["stats"].items():
+                        writer.add_scalar(f"val/{k}" if source == "mean" else f"val_{source}/{k}", v, step)
+            if coco["mean"]["stats"]["AP"] > best_ap:
+                best_ap = coco["mean"]["stats"]["AP"]
+                val_record = {source: c["stats"] for source, c in coco.items()} if len(val_sets) > 1 else coco["mean"]["stats"]
+                torch.save({"model": ema.module.state_dict(), "epoch": epoch + 1, "val": val_record, **described()},
                            out_dir / "best.pt")
         if fit_budget:
             now = time.monotonic()
             if last_fit is None:
-                per_epoch = train_seconds + (eval_seconds / cfg.eval_every if val_ds else 0.0)
+                per_epoch = train_seconds + (eval_seconds / cfg.eval_every if val_sets else 0.0)
             else:
                 per_epoch = (now - last_fit[1]) / (epoch + 1 - last_fit[0])
             last_fit = (epoch + 1, now)
@@ -369,30 +377,26 @@ def train(train_labels: LabelSet, train_root: Path, val_labels: LabelSet | None,
     if not (out_dir / "best.pt").exists():
         torch.save({"model": ema.module.state_dict(), "epoch": history[-1]["epoch"], "val": {}, **described()},
                    out_dir / "best.pt")
-    chosen = choose_count_threshold_for(out_dir / "best.pt", [(train_ds, train_labels), (val_ds, val_labels)], dev)
-    log(f"count threshold {chosen['count']}: per-image count MAE summed over the classes {chosen['sum_of_MAE']:.3f} "
-        f"on {chosen['images']} training and val fields")
+    first = next(iter(data.summary))
+    reference = DetectionDataset([f for f in data.train if f.key.split("/", 1)[0] == first], train=False)
+    chosen = choose_count_threshold_for(out_dir / "best.pt", reference, dev)
+    log(f"count thresholds {chosen['count']}: per-image count MAE {chosen['MAE']} on {chosen['images']} "
+        f"training fields of {first}")
     return {"best_val_AP": best_ap, "epochs": history[-1]["epoch"], "steps": step, "count_threshold": chosen["count"],
             "train_seconds": time.monotonic() - t_start, "history": history}
 
 
-def choose_count_threshold_for(checkpoint: Path, sets: list[tuple[DetectionDataset | None, LabelSet | None]],
-                               device) -> dict:
-    """Choose the count threshold of `checkpoint`'s weights on the fields of `sets` (the run's train
-    and val sets: one fitted to val alone would be tuned to the fields it is reported on) and
-    record it in the checkpoint, where export-weights finds it for the card."""
+def choose_count_threshold_for(checkpoint: Path, fields: DetectionDataset, device) -> dict:
+    """Choose the per-class count thresholds of `checkpoint`'s weights on `fields` (the first
+    dataset's training fields, whose labels are the most complete: thresholds fitted to val would
+    be tuned to the fields they are reported on) and record them in the checkpoint, where
+    export-weights finds them for the card."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg, state = _checkpoint_model(ck)
     model = build_model(cfg)
     model.load_state_dict(state)
     model.to(device)
-    gt, preds = {}, {}
-    for ds, labels in sets:
-        if ds is not None:
-            ds_gt, ds_preds = labelled_predictions(model, ds, labels, device)
-            gt.update(ds_gt)
-            preds.update(ds_preds)
-    chosen = choose_count_threshold(gt, preds)
+    chosen = choose_count_threshold(*labelled_predictions(model, fields, device))
     ck["count_threshold"] = json.dumps(chosen)
     tmp = checkpoint.with_suffix(".tmp")
     torch.save(ck, tmp)

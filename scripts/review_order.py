@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bccd_batch.labels import box_counts, read_labels
-from bccd_batch.model import CLASSES, class_counts
+from bccd_batch.cells import CLASSES, class_counts
 from bccd_batch.report import uncertain_detections
 
 run = Path(sys.argv[1])

@@ -74,3 +74,91 @@ def test_label_file_names_that_name_no_file_inside_the_root_are_refused():
         assert safe_key(bad) is None, bad
     assert safe_key("slide A\\f 1.jpg") == "slide A/f 1.jpg"
     assert safe_key("./a/b.jpg") == "a/b.jpg"
+
+
+def _jpeg(path, size=(100, 80)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 120, 160)).save(path, "JPEG")
+
+
+def test_aliases_of_exported_class_names():
+    assert [canonical_class(n) for n in ["White Blood Cell (WBC)", "Red Blood Cells", "Platelet", "PLT", "(RBC)"]] == \
+        ["WBC", "RBC", "Platelets", "Platelets", "RBC"]
+
+
+def test_yolo_folder(tmp_path):
+    _jpeg(tmp_path / "images" / "a.png")             # a JPEG whatever its extension says
+    _jpeg(tmp_path / "images" / "b.jpg")
+    _jpeg(tmp_path / "images" / "c.jpg")             # no label file: a field with no cells
+    (tmp_path / "classes.txt").write_text("White Blood Cell (WBC)\nRBC\nPlatelet\nsickle cell\n")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text(
+        "1 0.5 0.5 0.2 0.25\n"           # RBC at (40,30)-(60,50)
+        "0 0.1 0.1 0.4 0.4\n"            # reaches outside: clipped, with a warning
+        "7 0.5 0.5 0.1 0.1\n"            # unknown class id
+        "2 0.5 zero 0.1 0.1\n"           # malformed
+        "2 0.5 0.5 0.1\n"                # too few fields
+        "3 0.5 0.5 0.1 0.1\n"            # a class that is no blood cell here
+        "2 0.5 0.5 0.1 0.1 0.9\n"        # too many fields
+        "\n"
+        "2 0.25 0.25 0.1 0.1\n")         # platelet
+    (tmp_path / "labels" / "b.txt").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "val.txt").write_text("a.png\n")
+    labels = read_labels(tmp_path)
+    assert labels.image_root == tmp_path / "images" and labels.splits == {"val": ["a.png"]}
+    assert sorted(labels.records) == ["a.png", "c.jpg"] and labels.records["c.jpg"]["boxes"] == []
+    a = labels.records["a.png"]
+    assert (a["width"], a["height"]) == (100, 80)
+    assert [b[0] for b in a["boxes"]] == ["RBC", "WBC", "Platelets"]
+    assert a["boxes"][0][1:] == pytest.approx((40, 30, 60, 50)) and a["boxes"][1][1:] == pytest.approx((0, 0, 30, 24))
+    text = "\n".join(labels.warnings)
+    for needle in ["a.txt:2: box reaches outside", "a.txt:3: class id 7", "a.txt:4: not `class cx cy w h`",
+                   "a.txt:5: not", "a.txt:7: not", "unknown class 'sickle cell'", "b.txt: unreadable",
+                   "1 images have no label file"]:
+        assert needle in text, needle
+    assert len(read_labels(tmp_path, tmp_path / "splits" / "val.txt").records) == 1
+
+
+def test_yolo_data_yaml(tmp_path):
+    for split in ("train", "val"):
+        _jpeg(tmp_path / "ds" / "images" / split / f"{split}1.jpg", (200, 100))
+        (tmp_path / "ds" / "labels" / split).mkdir(parents=True)
+        (tmp_path / "ds" / "labels" / split / f"{split}1.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "ds" / "val.txt").write_text("./images/val/val1.jpg\n")
+    (tmp_path / "data.yaml").write_text("path: ds\ntrain: images/train\nval: val.txt\nnames:\n  0: PLT\n")
+    labels = read_labels(tmp_path / "data.yaml")
+    assert labels.splits == {"train": ["images/train/train1.jpg"], "val": ["images/val/val1.jpg"]}
+    assert labels.records["images/val/val1.jpg"]["boxes"] == [("Platelets", 50, 25, 150, 75)]
+    (tmp_path / "list.yaml").write_text("path: ds\nval: images/val\nnames: [RBC]\n")
+    assert read_labels(tmp_path / "list.yaml").records["images/val/val1.jpg"]["boxes"][0][0] == "RBC"
+    for bad in ("names: 3\n", "path: [\n", "train: x\n"):
+        (tmp_path / "bad.yaml").write_text(bad)
+        with pytest.raises(LabelError):
+            read_labels(tmp_path / "bad.yaml")
+
+
+def test_yolo_without_class_names_is_refused(tmp_path):
+    _jpeg(tmp_path / "images" / "a.jpg")
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(LabelError, match="classes.txt"):
+        read_labels(tmp_path)
+
+
+def test_voc_with_a_stale_filename_tag_is_matched_by_its_own_name(tmp_path):
+    from bccd_batch.score import match_labels
+
+    xml = ("<annotation><filename>{}</filename><size><width>640</width><height>480</height></size>"
+           "<object><name>WBC</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>50</xmax><ymax>50</ymax></bndbox></object>"
+           "</annotation>")
+    (tmp_path / "a.xml").write_text(xml.format("BloodImage_00000.jpg"))    # renamed field, stale tag
+    (tmp_path / "b.xml").write_text(xml.format("b.jpg"))
+    (tmp_path / "c.xml").write_text(xml.format("b.jpg"))                   # a copy that kept b's tag
+    labels = read_labels(tmp_path)
+    assert sorted(labels.records) == ["BloodImage_00000.jpg", "b.jpg", "c.jpg"]
+    assert any("c.xml: <filename> 'b.jpg' is also b.xml's" in w for w in labels.warnings)
+    matched = match_labels(labels, ["s/a.jpg", "s/b.jpg", "s/c.jpg", "s/d.jpg"])
+    assert matched == {"s/a.jpg": "BloodImage_00000.jpg", "s/b.jpg": "b.jpg", "s/c.jpg": "c.jpg"}
+    assert sum("matched to their image by their own name" in w for w in labels.warnings) == 1

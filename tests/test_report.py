@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import MODEL, bccd_image, cli
@@ -168,9 +169,10 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
 
     names = (bccd / "ImageSets/Main/val.txt").read_text().split()[:6]
     slides = tmp_path / "val"
-    slides.mkdir()
+    slide_of = {n: "slide-1" if i < 4 else "slide-2" for i, n in enumerate(names)}
     for n in names:
-        shutil.copy(bccd_image(n), slides / f"{n}.jpg")
+        (slides / slide_of[n]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(bccd_image(n), slides / slide_of[n] / f"{n}.jpg")
     out = tmp_path / "out"
     cli("run", slides, "--out", out, "--device", "cpu", "--labels", bccd, check_rc=0)
     metrics = json.loads((out / "latest" / "metrics.json").read_text())
@@ -185,23 +187,42 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
         for c, x0, y0, x1, y1 in rec["boxes"]:
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cats[c], "bbox": [x0, y0, x1 - x0, y1 - y0],
                          "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-    ids = {im["file_name"]: im["id"] for im in images}
+    ids = {f"{slide_of[im['file_name'][:-4]]}/{im['file_name']}": im["id"] for im in images}
     with open(out / "latest" / "detections.csv", newline="") as f:
         dets = [{"image_id": ids[r["image"]], "category_id": cats[r["class"]], "score": float(r["score"]),
                  "bbox": [float(r["xmin"]), float(r["ymin"]), float(r["xmax"]) - float(r["xmin"]),
                           float(r["ymax"]) - float(r["ymin"])]} for r in csv.DictReader(f)]
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": v, "name": k} for k, v in cats.items()]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
-        ev.evaluate(); ev.accumulate(); ev.summarize()
-    assert metrics["coco"]["stats"]["AP"] == pytest.approx(ev.stats[0], abs=1e-9)
-    assert metrics["coco"]["stats"]["AP50"] == pytest.approx(ev.stats[1], abs=1e-9)
+
+    def coco_stats(image_ids):
+        gt = COCO()
+        gt.dataset = {"images": [im for im in images if im["id"] in image_ids],
+                      "annotations": [a for a in anns if a["image_id"] in image_ids],
+                      "categories": [{"id": v, "name": k} for k, v in cats.items()]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+            ev = COCOeval(gt, gt.loadRes([d for d in dets if d["image_id"] in image_ids]), "bbox")
+            ev.evaluate(); ev.accumulate(); ev.summarize()
+        return ev.stats
+
+    stats = coco_stats(set(ids.values()))
+    assert metrics["coco"]["stats"]["AP"] == pytest.approx(stats[0], abs=1e-9)
+    assert metrics["coco"]["stats"]["AP50"] == pytest.approx(stats[1], abs=1e-9)
     assert metrics["coco"]["stats"]["AP"] > 0.4   # the embedded model is real, not a placeholder
+    # Per slide folder: the same pycocotools figures on that slide's fields alone, and its count errors.
+    assert sorted(metrics["per_slide"]) == ["slide-1", "slide-2"]
+    with open(out / "latest" / "counts.csv", newline="") as f:
+        counted = {r["image"]: r for r in csv.DictReader(f)}
+    for slide, m in metrics["per_slide"].items():
+        mine = {i for rel, i in ids.items() if rel.startswith(slide + "/")}
+        assert m["n_images"] == len(mine) and (m["AP"], m["AP50"]) == pytest.approx(tuple(coco_stats(mine)[:2]), abs=1e-9)
+        errors = [int(counted[rel]["RBC"]) - sum(b[0] == "RBC" for b in labels.records[rel.split("/")[1]]["boxes"])
+                  for rel in ids if rel.startswith(slide + "/")]
+        assert m["per_class"]["RBC"]["MAE"] == pytest.approx(np.abs(errors).mean())
+        assert m["per_class"]["RBC"]["bias"] == pytest.approx(np.mean(errors))
     # `run --labels` adds 95% intervals over the fields (bootstrap, default 200 resamples) to the
     # metrics and the report (their arithmetic: test_score.py).
     ci = metrics["coco"]["intervals"]
     assert ci["resamples"] == 200 and ci["AP"][0] <= ci["AP"][1] and ci["AP50"][0] <= ci["AP50"][1]
     html = (out / "latest" / "report.html").read_text()
     assert 'id="intervals"' in html and f"AP {ci['AP'][0]:.3f}–{ci['AP'][1]:.3f}" in html
+    assert 'id="slide-metrics"' in html and f"<td>{metrics['per_slide']['slide-2']['AP']:.3f}</td>" in html

@@ -1,5 +1,6 @@
 import pytest
 
+from bccd_batch.cells import CLASSES
 from bccd_batch.score import COCOEvaluator, CountEvaluator, evaluate_all
 
 GT = {"a.jpg": {"width": 640, "height": 480, "boxes": [("RBC", 100, 100, 200, 200), ("WBC", 300, 100, 460, 260)]},
@@ -39,17 +40,22 @@ def test_class_without_ground_truth_is_minus_one_and_count_errors_are_signed():
     assert counts["per_class"]["RBC"] == {"MAE": 0.5, "mean_signed_error": 0.5}
 
 
-def test_count_threshold_is_the_lowest_with_the_least_count_error():
+def test_count_thresholds_are_per_class_the_lowest_with_the_least_count_error():
     from bccd_batch.score import choose_count_threshold
 
     preds = as_preds(GT, score=0.7)
     preds["a.jpg"].append(("RBC", 0.3, 0, 0, 50, 50))           # a false RBC: counted below 0.35
     preds["b.jpg"].append(("Platelets", 0.5, 0, 400, 40, 440))   # a false platelet: counted below 0.55
     chosen = choose_count_threshold(GT, preds)
-    # 0.55-0.70 count every labelled cell and nothing else; above 0.70 nothing is counted.
-    assert chosen["count"] == 0.55 and chosen["sum_of_MAE"] == 0 and chosen["images"] == 2
-    by_t = chosen["sum_of_MAE_by_threshold"]
-    assert by_t[0.3] == pytest.approx(0.5 + 0.5) and by_t[0.5] == pytest.approx(0.5) and by_t[0.75] == pytest.approx(2.0)
+    # Per class, the lowest score that counts every labelled cell and nothing else (above 0.70 nothing is counted).
+    assert chosen["count"] == {"RBC": 0.35, "WBC": 0.05, "Platelets": 0.55} and chosen["images"] == 2
+    assert chosen["MAE"] == dict.fromkeys(CLASSES, 0.0) and chosen["bias"] == dict.fromkeys(CLASSES, 0.0)
+    by_t = chosen["MAE_by_threshold"]
+    assert by_t["RBC"][0.3] == pytest.approx(0.5) and by_t["Platelets"][0.5] == pytest.approx(0.5)
+    assert by_t["RBC"][0.75] == pytest.approx(1.0) and by_t["Platelets"][0.75] == pytest.approx(0.5)
+    # A count threshold per class counts each class at its own score.
+    from bccd_batch.cells import class_counts
+    assert class_counts(preds["b.jpg"], {"RBC": 0.9, "WBC": 0.9, "Platelets": 0.45}) == {"RBC": 0, "WBC": 0, "Platelets": 2}
 
 
 def test_match_counts_and_confusion():

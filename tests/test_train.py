@@ -7,25 +7,30 @@ import pytest
 import torch
 
 from bccd_batch.cli import export_weights
-from bccd_batch.labels import read_labels
+from bccd_batch.datasets import load_training_data
 from bccd_batch.model import ModelConfig, load_model, read_card
 from bccd_batch.score import COUNT_THRESHOLDS
 from bccd_batch.train import TrainConfig, train
 from conftest import MODEL, cli
 
 
+def _splits(tmp_path, val: str = "") -> tuple:
+    """Split files of two BCCD training fields and `val` (stems), as `train --train-split` takes them."""
+    (tmp_path / "two.txt").write_text("BloodImage_00000\nBloodImage_00001\n")
+    (tmp_path / "val.txt").write_text(val)
+    return tmp_path / "two.txt", tmp_path / "val.txt"
+
+
 @pytest.fixture
-def labels(tmp_path, bccd):
-    """The labels of two BCCD training fields, through a split file as `train` reads them."""
-    split = tmp_path / "two.txt"
-    split.write_text("BloodImage_00000\nBloodImage_00001\n")
-    return read_labels(bccd, split)
+def two(tmp_path, bccd):
+    """Two BCCD training fields and no val fields, as `train` reads them."""
+    return load_training_data([bccd], *map(str, _splits(tmp_path)), log=lambda m: None)
 
 
-def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
+def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd):
     cfg = TrainConfig(epochs=8, batch_size=2, lr=0.01, warmup_iters=2, workers=0, eval_every=8, amp=False)
-    summary = train(labels, bccd / "JPEGImages", labels, bccd / "JPEGImages", tmp_path / "run", cfg, ModelConfig(),
-                    "cpu", log=lambda m: None)
+    data = load_training_data([bccd], *map(str, _splits(tmp_path, "BloodImage_00003\n")), log=lambda m: None)
+    summary = train(data, tmp_path / "run", cfg, ModelConfig(), "cpu", log=lambda m: None)
     losses = [h["loss"] for h in summary["history"]]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses
@@ -39,9 +44,11 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
     assert card["training"]["data"] == "two BCCD images"
     run = card["training"]["config"]   # how the weights were trained, from the checkpoint itself
     assert (run["epochs"], run["batch_size"], run["lr"], run["train_images"], run["device"]) == (8, 2, 0.01, 2, "cpu")
-    # The count threshold train chose for best.pt on its fields (here the two, as train and val).
-    assert card["thresholds"]["count"] == summary["count_threshold"] in COUNT_THRESHOLDS
-    assert card["threshold_choice"]["count"].startswith(f"{summary['count_threshold']} minimises")
+    # The per-class count thresholds train chose for best.pt on its training fields.
+    assert card["thresholds"]["count"] == summary["count_threshold"]
+    assert set(summary["count_threshold"]) == {"RBC", "WBC", "Platelets"}
+    assert all(t in COUNT_THRESHOLDS for t in summary["count_threshold"].values())
+    assert card["threshold_choice"]["count"].startswith("per class, the score with the lowest per-image count MAE on the run's 2 training fields")
     with torch.no_grad():
         out = model([torch.rand(3, 480, 640)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
@@ -50,17 +57,16 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd, labels):
 def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd):
     """`bccd-batch train ... --export`: the options reach the run (lr scaled to the batch size) and
     the exported card says what they were."""
-    split = tmp_path / "two.txt"
-    split.write_text("BloodImage_00000\nBloodImage_00001\n")
-    cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "run",
+    split, val = _splits(tmp_path, "BloodImage_00003\n")
+    cli("train", "--data", bccd, "--train-split", split, "--val-split", val, "--out", tmp_path / "run",
         "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--rotate", 1, "--seed", 7,
         "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--stem", "deep", "--box-loss", "giou", "--export", tmp_path / "model", check_rc=0)
     card = read_card(tmp_path / "model")
     run = card["training"]["config"]
-    assert (run["lr"], run["weight_decay"], run["mosaic"], run["rotate"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 1.0, 7, 2)
+    assert (run["lr"], run["weight_decay"], run["mosaic"], run["rotate"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 1.0, 7, {"bccd": 1})
     arch = card["architecture"]
     assert (arch["test_min_size"], arch["cascade_ious"], arch["stem"], arch["box_loss"]) == (320, [0.6], "deep", "giou")
-    cli("train", "--data", bccd, "--train-split", split, "--val-split", split, "--out", tmp_path / "one", "--epochs", 1,
+    cli("train", "--data", bccd, "--train-split", split, "--val-split", val, "--out", tmp_path / "one", "--epochs", 1,
         "--batch-size", 2, "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "none", "--export",
         tmp_path / "one-head", check_rc=0)
     assert read_card(tmp_path / "one-head")["architecture"]["cascade_ious"] == []
@@ -79,11 +85,11 @@ def _knows_cells(step: dict) -> bool:
     return step["loss_objectness"] + step["loss_classifier"] < 0.5
 
 
-def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
+def test_init_starts_from_a_model_folder(tmp_path, two):
     """--init: the shipped model's weights and architecture start the run, so its very first step
     already finds the cells."""
     cfg = TrainConfig(epochs=1, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
-    summary = train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu",
+    summary = train(two, tmp_path / "run", cfg, ModelConfig(), "cpu",
                     init=MODEL, log=lambda m: None)
     assert _knows_cells(summary["history"][0]), summary["history"]
     saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
@@ -96,15 +102,15 @@ def test_init_starts_from_a_model_folder(tmp_path, bccd, labels):
     assert training["from_scratch"] is True   # the shipped model was, so a fine-tune of it is
 
 
-def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, bccd, labels):
+def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, two):
     """--resume: a run stopped after its first epoch goes on to the end of its schedule from last.pt,
     and still says what it started from."""
     cfg = TrainConfig(epochs=2, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
-    train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
+    train(two, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
           max_steps=1, log=lambda m: None)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     logged = []
-    summary = train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu",
+    summary = train(two, tmp_path / "run", cfg, ModelConfig(), "cpu",
                     resume=tmp_path / "run" / "last.pt", log=logged.append)
     assert any("resumed from" in m and "epoch 1, step 1" in m for m in logged), logged
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["steps"] == 2
@@ -113,13 +119,13 @@ def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, bc
     assert read_card(tmp_path / "model")["training"]["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
 
 
-def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, bccd, labels):
+def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, two):
     """export-weights with several ingredients writes their mean (a model soup) and refuses
     ingredients of different architectures."""
     import typer
 
     cfg = TrainConfig(epochs=1, batch_size=2, lr=0.01, warmup_iters=1, workers=0, eval_every=8, amp=False)
-    train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
+    train(two, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
           log=lambda m: None)
     export_weights([MODEL, tmp_path / "run" / "last.pt"], tmp_path / "soup", data="two", train_split="two", val_split=None)
 
@@ -133,18 +139,18 @@ def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, bccd, labels):
     assert card["training"]["averaged_weights_of"] == [str(MODEL), str(tmp_path / "run" / "last.pt")]
 
     other = tmp_path / "other"
-    train(labels, bccd / "JPEGImages", None, None, other, TrainConfig(epochs=1, batch_size=2, workers=0, amp=False),
+    train(two, other, TrainConfig(epochs=1, batch_size=2, workers=0, amp=False),
           ModelConfig(), "cpu", max_steps=1, log=lambda m: None)
     with pytest.raises(typer.Exit):
         export_weights([MODEL, other / "last.pt"], tmp_path / "bad", data="two", train_split="two", val_split=None)
     assert not (tmp_path / "bad").exists()
 
 
-def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, bccd, labels):
+def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, two):
     cfg = TrainConfig(epochs=4, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False,
                       mosaic=1.0, close_mosaic=0.5)
     logs: list[str] = []
-    train(labels, bccd / "JPEGImages", None, None, tmp_path / "run", cfg, ModelConfig(), "cpu", log=logs.append)
+    train(two, tmp_path / "run", cfg, ModelConfig(), "cpu", log=logs.append)
     assert [m for m in logs if "mosaic off" in m] == ["epoch 3: mosaic off for the last 2 epochs"]
 
 

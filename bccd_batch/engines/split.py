@@ -32,7 +32,8 @@ from torchvision.ops import roi_align
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.poolers import _setup_scales
 
-from ..model import Uploads, arrays_to_tuples, box_heads, detections_to_tuples, image_to_input
+from ..cells import arrays_to_tuples
+from ..model import Uploads, box_heads, detections_to_tuples, image_to_input
 from ..nms import greedy_nms_keep, select_padded
 from . import field_hw, one_ahead
 
