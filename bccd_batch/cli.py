@@ -150,23 +150,28 @@ def export_weights(
     data: str = typer.Option("BCCD train split", help="Training data, recorded in the card."),
     train_split: str = typer.Option("train"),
     val_split: Optional[str] = typer.Option("val"),
+    thresholds_on: Optional[Path] = typer.Option(None, help="Choose the per-class count thresholds on this dataset's "
+                                                 "--train-split fields (complete labels) instead of taking train's."),
 ) -> None:
     """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
     average of several runs fine-tuned from one model (`train --init`)."""
-    from .model import ModelError, build_model, save_model
+    from .model import ModelError, build_model, read_card, save_model
     from .train import averaged_weights, checkpoint_weights
 
     one_checkpoint = len(checkpoints) == 1 and checkpoints[0].is_file()
+    one_folder = len(checkpoints) == 1 and checkpoints[0].is_dir()
     try:
         if one_checkpoint:
             cfg, state, record = checkpoint_weights(checkpoints[0])
         else:
             cfg, state = averaged_weights(checkpoints)
+        training = {"data": data, "train_split": train_split, "val_split": val_split, "from_scratch": True}
+        if one_folder:   # the same weights, new thresholds: the card keeps how they were trained
+            training = read_card(checkpoints[0])["training"]
     except (ModelError, ValueError, OSError) as e:
         raise _fail(str(e))
     model = build_model(cfg)
     model.load_state_dict(state)
-    training = {"data": data, "train_split": train_split, "val_split": val_split, "from_scratch": True}
     if one_checkpoint:
         hist_path = checkpoints[0].parent / "history.json"
         history = json.loads(hist_path.read_text()) if hist_path.is_file() else None
@@ -177,16 +182,29 @@ def export_weights(
             training["from_scratch"] = init["from_scratch"] is True
         metrics = {"val_during_training": record["val"]}
     else:
-        training["averaged_weights_of"] = [str(c) for c in checkpoints]
+        if not one_folder:
+            training["averaged_weights_of"] = [str(c) for c in checkpoints]
         metrics = {}
     extra = {"training": training, "metrics": metrics}
     chosen = record["count_threshold"] if one_checkpoint else None
+    where = "the run's {} training fields of its first dataset, chosen by `bccd-batch train`"
+    if thresholds_on is not None:
+        from .datasets import load_training_data
+        from .labels import LabelError
+        from .train import DetectionDataset, choose_count_thresholds
+
+        try:
+            fields = load_training_data([thresholds_on], train_split, val_split or "val", log=lambda m: typer.echo(m, err=True))
+        except LabelError as e:
+            raise _fail(str(e))
+        chosen = choose_count_thresholds(model, DetectionDataset(fields.train, train=False), "cpu")
+        where = f"the {{}} {train_split} fields of {thresholds_on}, chosen by `bccd-batch export-weights --thresholds-on`"
     if chosen is not None:
         extra["thresholds"] = {"detection": cfg.detection_threshold, "count": chosen["count"]}
         extra["threshold_choice"] = {"count": (
-            "per class, the score with the lowest per-image count MAE on the run's "
-            f"{chosen['images']} training fields of its first dataset (MAE " + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items())
-            + "), chosen by `bccd-batch train` for these weights")}
+            f"per class, the score with the lowest per-image count MAE on {where.format(chosen['images'])} (MAE "
+            + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items()) + ", bias "
+            + ", ".join(f"{c} {v:+.3f}" for c, v in chosen["bias"].items()) + ") for these weights")}
     else:
         typer.echo("no count thresholds were chosen for these weights (only `train`'s best.pt has them): the card "
                    "says 0.5", err=True)

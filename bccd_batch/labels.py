@@ -327,19 +327,20 @@ def read_yolo(source: Path, stems: Iterable[str] | None = None) -> LabelSet:
         name_file = next((source / f for f in YOLO_CLASS_FILES if (source / f).is_file()), None)
         if name_file is None:
             raise LabelError(f"{source}: YOLO labels need class names in classes.txt (or a data.yaml)")
-        names = dict(enumerate(read_split(name_file)))
-        root = source / "images"
-        images = _images_under(root)
-        for p in sorted((source / "splits").glob("*.txt")):
-            splits[p.stem] = [root / ln for ln in read_split(p)]
+        try:
+            names = dict(enumerate(read_split(name_file)))
+            root = source / "images"
+            images = _images_under(root)
+            for p in sorted((source / "splits").glob("*.txt")):
+                splits[p.stem] = [root / ln for ln in read_split(p)]
+        except (UnicodeDecodeError, OSError) as e:
+            raise LabelError(f"{source}: unreadable class names or split list: {e}") from None
     if stems is not None:
         keep = set(stems)
         images = [p for p in images if p.stem in keep or p.name in keep]
     no_label = 0
     for image in images:
-        try:
-            key = image.relative_to(root).as_posix()
-        except ValueError:
+        if (key := _rel(image, root)) is None:
             b.warn(f"{image}: outside the dataset's path {root}, skipped")
             continue
         label_file = _yolo_label_path(image)

@@ -386,17 +386,21 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
             "train_seconds": time.monotonic() - t_start, "history": history}
 
 
+def choose_count_thresholds(model, fields: DetectionDataset, device) -> dict:
+    """The per-class count thresholds of `model` on `fields` (training fields with complete labels:
+    thresholds fitted to val would be tuned to the fields they are reported on)."""
+    model.to(device)
+    return choose_count_threshold(*labelled_predictions(model, fields, device))
+
+
 def choose_count_threshold_for(checkpoint: Path, fields: DetectionDataset, device) -> dict:
-    """Choose the per-class count thresholds of `checkpoint`'s weights on `fields` (the first
-    dataset's training fields, whose labels are the most complete: thresholds fitted to val would
-    be tuned to the fields they are reported on) and record them in the checkpoint, where
+    """`choose_count_thresholds` for a checkpoint's weights, recorded in the checkpoint, where
     export-weights finds them for the card."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg, state = _checkpoint_model(ck)
     model = build_model(cfg)
     model.load_state_dict(state)
-    model.to(device)
-    chosen = choose_count_threshold(*labelled_predictions(model, fields, device))
+    chosen = choose_count_thresholds(model, fields, device)
     ck["count_threshold"] = json.dumps(chosen)
     tmp = checkpoint.with_suffix(".tmp")
     torch.save(ck, tmp)

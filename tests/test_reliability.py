@@ -226,8 +226,19 @@ _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=4
 _num = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**12, 10**12), _text)
 
 
-def _keys_safe(labels):
-    return all(not k.startswith("/") and ".." not in k.split("/") for k in labels.records)
+def _read_checked(path, size=None):
+    """read_labels(path), or None where it refuses the whole source: whatever it keeps names no file
+    outside the root and holds only finite boxes of positive area (inside a `size` image)."""
+    try:
+        labels = read_labels(path)
+    except LabelError:
+        return None
+    assert all(not k.startswith("/") and ".." not in k.split("/") for k in labels.records)
+    for rec in labels.records.values():
+        for _, x0, y0, x1, y1 in rec["boxes"]:
+            assert x1 > x0 and y1 > y0 and all(np.isfinite([x0, y0, x1, y1]))
+            assert size is None or (0 <= x0 and x1 <= size[0] and 0 <= y0 and y1 <= size[1])
+    return labels
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -238,14 +249,7 @@ def test_fuzz_csv(tmp_path, rows):
         w = csv.writer(f)
         w.writerow(["filename", "width", "height", "class", "xmin", "ymin", "xmax", "ymax"])
         w.writerows(rows)
-    try:
-        labels = read_labels(p)
-    except LabelError:
-        return
-    assert _keys_safe(labels)
-    for rec in labels.records.values():
-        for _, x0, y0, x1, y1 in rec["boxes"]:
-            assert x1 > x0 and y1 > y0 and all(np.isfinite([x0, y0, x1, y1]))
+    _read_checked(p)
 
 
 _json = st.recursive(st.one_of(st.none(), st.booleans(), _num, _text),
@@ -259,11 +263,7 @@ _json = st.recursive(st.one_of(st.none(), st.booleans(), _num, _text),
 def test_fuzz_coco(tmp_path, images, anns, cats):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}, default=str))
-    try:
-        labels = read_labels(p)
-    except LabelError:
-        return
-    assert _keys_safe(labels)
+    _read_checked(p)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -274,11 +274,30 @@ def test_fuzz_coco(tmp_path, images, anns, cats):
                                    f"<ymax>{t[4]}</ymax></bndbox></object></annotation>")))
 def test_fuzz_voc(tmp_path, doc):
     (tmp_path / "a.xml").write_bytes(doc if isinstance(doc, bytes) else doc.encode("utf-8", "surrogatepass"))
-    try:
-        labels = read_labels(tmp_path)
-    except LabelError:
-        return
-    assert _keys_safe(labels)
+    _read_checked(tmp_path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(_text, st.tuples(st.integers(-2, 5), _num, _num, _num, _num).map(
+           lambda t: " ".join(map(str, t)))), max_size=8),
+       names=st.one_of(st.lists(_text, max_size=4), st.binary(max_size=50)), body=st.one_of(st.none(), st.binary(max_size=200)))
+def test_fuzz_yolo(tmp_path, lines, names, body):
+    from PIL import Image
+
+    root = tmp_path / "yolo"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(exist_ok=True)
+    Image.new("RGB", (64, 48)).save(root / "images" / "a.jpg")
+    if isinstance(names, bytes):
+        (root / "classes.txt").write_bytes(names)
+    else:
+        (root / "classes.txt").write_text("\n".join(names + ["RBC"]), encoding="utf-8")
+    label = root / "labels" / "a.txt"
+    if body is None:
+        label.write_text("\n".join(lines), encoding="utf-8")
+    else:
+        label.write_bytes(body)
+    _read_checked(root, size=(64, 48))
 
 
 def test_soak_memory_and_fds_stay_flat(tmp_path):
