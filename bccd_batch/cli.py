@@ -150,8 +150,9 @@ def export_weights(
     data: str = typer.Option("BCCD train split", help="Training data, recorded in the card."),
     train_split: str = typer.Option("train"),
     val_split: Optional[str] = typer.Option("val"),
-    thresholds_on: Optional[Path] = typer.Option(None, help="Choose the per-class count thresholds on this dataset's "
-                                                 "--train-split fields (complete labels) instead of taking train's."),
+    # Annotated, so that a direct call (tests, train --export) gets None rather than typer's OptionInfo.
+    thresholds_on: Annotated[Optional[Path], typer.Option(help="Choose the per-class count thresholds on this dataset's "
+                                                          "--train-split fields (complete labels) instead of taking train's.")] = None,
 ) -> None:
     """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
     average of several runs fine-tuned from one model (`train --init`)."""
