@@ -65,13 +65,9 @@ def train(
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     # The defaults are the embedded model's recipe (engines/model.json), so a plain `train` redoes it.
     backbone: str = typer.Option("resnet34", help="resnet18, resnet34 or resnet50."),
-    stem: str = typer.Option("7x7", help="The backbone's stem: 7x7 (torchvision's) or deep (three 3x3 convolutions; lowered val AP75 on BCCD, card)."),
     mosaic: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
     copy_paste: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of pasting platelets from other fields into a training sample."),
-    close_mosaic: float = typer.Option(0.0, min=0.0, max=1.0, help="Fraction of the final epochs trained without mosaic."),
-    rotate: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of rotating a training sample by any angle within 45 degrees (boxes as rotated ellipses); lowered val AP on BCCD (card)."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
-    box_loss: str = typer.Option("smooth_l1", help="The box heads' regression loss: smooth_l1 (torchvision's, on encoded deltas) or giou (lowered val AP on BCCD, card)."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
     input_size: int = typer.Option(640, min=256, help="Short side fields are resized to at test time (training jitters around it)."),
@@ -88,7 +84,7 @@ def train(
 
     from .datasets import load_training_data
     from .labels import LabelError
-    from .model import BACKBONES, BOX_LOSSES, STEMS, ModelConfig
+    from .model import BACKBONES, ModelConfig
     from .train import TrainConfig, train as run_training
 
     try:
@@ -98,9 +94,8 @@ def train(
         valid = False
     if not valid:
         raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {cascade!r}")
-    for name, value, allowed in (("--backbone", backbone, BACKBONES), ("--stem", stem, STEMS), ("--box-loss", box_loss, BOX_LOSSES)):
-        if value not in allowed:
-            raise _fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if backbone not in BACKBONES:
+        raise _fail(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
@@ -110,9 +105,9 @@ def train(
         raise _fail(str(e))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
-                      copy_paste=copy_paste, close_mosaic=close_mosaic, rotate=rotate, channels_last=channels_last)
-    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, stem=stem, box_class_balanced=balance_roi_classes,
-                                           cascade_ious=cascade_ious, box_loss=box_loss)
+                      copy_paste=copy_paste, channels_last=channels_last)
+    model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
+                                           cascade_ious=cascade_ious)
     typer.echo(f"training on {len(training_data.train)} fields ({device}), validating on "
                f"{ {k: len(v) for k, v in training_data.val_sources().items()} }", err=True)
     summary = run_training(training_data, out, cfg, model_cfg, device, resume=resume, init=init, max_steps=max_steps, log=log)

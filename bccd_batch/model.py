@@ -25,7 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.boxes import clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -33,8 +33,6 @@ from .cells import CLASSES, arrays_to_tuples
 from .nms import select_detections
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
-STEMS = ("7x7", "deep")
-BOX_LOSSES = ("smooth_l1", "giou")
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -43,13 +41,13 @@ class ModelError(Exception):
     """A model card or weights file that cannot be used; the message says why."""
 
 
+# Architecture keys older cards carry, at the value that is now the only one.
+RETIRED = {"stem": "7x7", "box_loss": "smooth_l1"}
+
+
 @dataclasses.dataclass
 class ModelConfig:
     backbone: str = "resnet18"
-    # "7x7": torchvision's ResNet stem. "deep": three 3x3 convolutions in its place (ResNet-C, He et
-    # al. 2019), a stem said to help detectors trained from scratch (DSOD, ScratchDet); on BCCD it
-    # lowered val AP75 by 0.03 in both seeds tried (card, seventeenth session).
-    stem: str = "7x7"
     fpn_channels: int = 128
     # Two sizes per level: platelets (~35 px), RBC (~100 px) and WBC (120-290 px) each meet an
     # anchor with IoU > 0.7, which a single octave-spaced size per level does not give RBCs.
@@ -77,11 +75,6 @@ class ModelConfig:
     # trained on the boxes the head before it refined, matched at that threshold; at test time the
     # last head places the boxes and the class scores are the heads' mean. Empty: one box head.
     cascade_ious: tuple[float, ...] = ()
-    # Training only: the box heads' regression loss. "smooth_l1": torchvision's, on the encoded
-    # deltas. "giou": 1 - generalised IoU of the decoded box with its labelled box (Rezatofighi et
-    # al. 2019), which weighs an edge's error by the box's size the way AP's IoU thresholds do; on
-    # BCCD it lowered val AP by 0.006 and 0.002 in the two seeds tried (card, eighteenth session).
-    box_loss: str = "smooth_l1"
     # Duplicate removal within a class (nms.py): "matrix" (Gaussian Matrix NMS, sigma) or "hard"
     # (greedy NMS at box_nms_thresh). Cards written before this choice existed mean "hard".
     box_nms: str = "matrix"
@@ -93,6 +86,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        # Keys of options since retired, at the values that change nothing: cards that carry them load.
+        d = {k: v for k, v in d.items() if RETIRED.get(k, object()) != v}
         unknown = set(d) - known
         if unknown:
             raise ModelError(f"model card architecture has unknown keys: {sorted(unknown)}")
@@ -128,13 +123,9 @@ def _tuplify(v: Any) -> Any:
 def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
     if cfg.backbone not in BACKBONES:
         raise ModelError(f"unsupported backbone {cfg.backbone!r}")
-    if cfg.stem not in STEMS:
-        raise ModelError(f"unsupported stem {cfg.stem!r}")
     # Trained from scratch, so every layer trains and uses real BatchNorm (torchvision's
     # detection default freezes BN, which only makes sense with ImageNet statistics).
     body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
-    if cfg.stem == "deep":
-        body.conv1 = _deep_stem()
     c = 1 if cfg.backbone != "resnet50" else 4
     return BackboneWithFPN(
         body,
@@ -146,21 +137,7 @@ def _backbone(cfg: ModelConfig) -> BackboneWithFPN:
     )
 
 
-def _deep_stem() -> nn.Sequential:
-    """Stands in for the ResNet's 7x7 stride-2 conv1: same input, stride and 64 output channels,
-    followed as before by its bn1, ReLU and max pool."""
-    def conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-        c = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's ResNet
-        return c
-
-    return nn.Sequential(conv(3, 32, 2), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-                         conv(32, 32), nn.BatchNorm2d(32), nn.ReLU(inplace=True), conv(32, 64))
-
-
 def build_model(cfg: ModelConfig) -> FasterRCNN:
-    if cfg.box_loss not in BOX_LOSSES:
-        raise ModelError(f"unsupported box loss {cfg.box_loss!r}")
     backbone = _backbone(cfg)
     anchors = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,) * len(cfg.anchor_sizes))
     rpn_head = Float32RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0])
@@ -186,8 +163,7 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
-    if cfg.cascade_ious or cfg.box_loss != "smooth_l1":
-        # A CascadeRoIHeads without stages is the one-head model with this module's own losses.
+    if cfg.cascade_ious:
         model.roi_heads = CascadeRoIHeads(model.roi_heads, cfg)
     if cfg.box_class_balanced:
         model.roi_heads.fg_bg_sampler = ClassBalancedSampler(cfg.box_batch_size_per_image, 0.25)
@@ -233,9 +209,6 @@ class CascadeRoIHeads(RoIHeads):
     # their coding is scaled up to keep the regression targets' spread; its losses count less.
     STAGE_REG_WEIGHTS = ((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0), (40.0, 40.0, 20.0, 20.0))
     STAGE_LOSS_WEIGHTS = (0.5, 0.25, 0.125)
-    # mmdetection's weight for a GIoU box loss in R-CNN heads, with the same normaliser as
-    # torchvision's smooth L1 (every sampled RoI, so ~4x the number of positives).
-    GIOU_WEIGHT = 10.0
 
     def __init__(self, first: RoIHeads, cfg: ModelConfig):
         # Every head samples and thresholds as the one FasterRCNN built; only the IoU and coding differ.
@@ -243,7 +216,6 @@ class CascadeRoIHeads(RoIHeads):
         after = (first.score_thresh, first.nms_thresh, first.detections_per_img)
         super().__init__(first.box_roi_pool, first.box_head, first.box_predictor, first.proposal_matcher.high_threshold,
                          first.proposal_matcher.low_threshold, quota, fraction, first.box_coder.weights, *after)
-        self.box_loss = cfg.box_loss
         if len(cfg.cascade_ious) > len(self.STAGE_REG_WEIGHTS):
             raise ModelError(f"at most {len(self.STAGE_REG_WEIGHTS)} cascade stages, not {len(cfg.cascade_ious)}")
         self.stages = nn.ModuleList(
@@ -261,8 +233,6 @@ class CascadeRoIHeads(RoIHeads):
             if self.training:
                 w = 1.0 if k == 0 else self.STAGE_LOSS_WEIGHTS[k - 1]
                 cls_loss, box_loss = fastrcnn_loss(logits, deltas, labels, regression_targets)
-                if self.box_loss == "giou":
-                    box_loss = giou_box_loss(h.box_coder, deltas, proposals, labels, regression_targets)
                 losses[f"loss_classifier{k or ''}"], losses[f"loss_box_reg{k or ''}"] = w * cls_loss, w * box_loss
             else:
                 probs.append(torch.softmax(logits, -1))
@@ -281,19 +251,6 @@ class CascadeRoIHeads(RoIHeads):
         # softmax is that mean.
         boxes, scores, labels = self.postprocess_detections(torch.stack(probs).mean(0).log(), deltas, proposals, image_shapes)
         return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)], {}
-
-
-def giou_box_loss(box_coder: BoxCoder, deltas: torch.Tensor, proposals: list[torch.Tensor], labels: list[torch.Tensor],
-                  regression_targets: list[torch.Tensor]) -> torch.Tensor:
-    """The GIoU counterpart of torchvision's `fastrcnn_loss` box term: for each positive RoI, 1 -
-    GIoU of the box its deltas for the labelled class decode to and the labelled box (decoded from
-    its regression target), summed and divided by the number of sampled RoIs as that loss is."""
-    labels, proposals, targets = torch.cat(labels), torch.cat(proposals), torch.cat(regression_targets)
-    pos = torch.where(labels > 0)[0]
-    pred = deltas.reshape(len(labels), -1, 4)[pos, labels[pos]].float()
-    loss = generalized_box_iou_loss(box_coder.decode_single(pred, proposals[pos]),
-                                    box_coder.decode_single(targets[pos], proposals[pos]), reduction="sum")
-    return CascadeRoIHeads.GIOU_WEIGHT * loss / labels.numel()
 
 
 class ClassBalancedSampler(BalancedPositiveNegativeSampler):

@@ -41,10 +41,6 @@ class TrainConfig:
     amp: bool = True
     mosaic: float = 0.0           # probability that a training sample is a 2x2 mosaic of four fields
     copy_paste: float = 0.0       # probability that platelets from other fields are pasted into a sample
-    rotate: float = 0.0           # probability of a rotation by any angle (on top of flips and quarter turns)
-    # Fraction of the final epochs trained without mosaic, so the last steps see whole fields as
-    # they come at test time (YOLO detectors' "close mosaic").
-    close_mosaic: float = 0.0
     # NHWC on CUDA: bf16 convolutions run on tensor cores without a layout transpose around each.
     channels_last: bool = True
     # Seconds for the whole run: after 3 and again after 20 epochs the epoch count is set to what
@@ -68,9 +64,8 @@ def fitted_epochs(budget: float, elapsed: float, per_epoch: float, done: int, ca
 class DetectionDataset(torch.utils.data.Dataset):
     """Fields decoded once (datasets.load_training_data) held as tensors; augmentation per access."""
 
-    def __init__(self, fields: list[Field], train: bool, mosaic: float = 0.0, copy_paste: float = 0.0,
-                 rotate: float = 0.0):
-        self.train, self.mosaic, self.copy_paste, self.rotate, self.items = train, mosaic, copy_paste, rotate, []
+    def __init__(self, fields: list[Field], train: bool, mosaic: float = 0.0, copy_paste: float = 0.0):
+        self.train, self.mosaic, self.copy_paste, self.items = train, mosaic, copy_paste, []
         self.records = {f.key: f.record for f in fields}
         for f in fields:
             img = torch.from_numpy(f.pixels).permute(2, 0, 1).contiguous()
@@ -93,7 +88,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                 img, boxes, labels = T.mosaic([(img, boxes, labels)] + [o[1:] for o in others], random)
             if self.copy_paste and random.random() < self.copy_paste:   # no draw when off: same stream as before
                 img, boxes, labels = T.paste_cells(img, boxes, labels, self.paste_bank, random)
-            img, boxes, labels = T.augment(img, boxes, labels, random, self.rotate)
+            img, boxes, labels = T.augment(img, boxes, labels, random)
         return img, {"boxes": boxes, "labels": labels, "key": key}
 
 
@@ -214,7 +209,7 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         # training 10x slower on an H100 (measured), so leave it off.
         torch.backends.cudnn.benchmark = False
 
-    train_ds = DetectionDataset(data.train, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste, rotate=cfg.rotate)
+    train_ds = DetectionDataset(data.train, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste)
     val_sets = {source: DetectionDataset(fields, train=False) for source, fields in data.val_sources().items()}
     for w in data.warnings:
         log(f"warning: {w}")
@@ -265,27 +260,15 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         start_epoch, step, best_ap, history = ck["epoch"], ck["step"], ck["best_ap"], json.loads(ck["history"])
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
 
-    def mosaic_closed(epoch: int) -> bool:   # cfg.epochs changes once the time budget is fitted
-        return epoch >= cfg.epochs - round(cfg.close_mosaic * cfg.epochs)
-
-    def make_loader(epoch: int):
-        # Persistent workers keep their own copy of the dataset, so closing mosaic needs new ones.
-        train_ds.mosaic = 0.0 if mosaic_closed(epoch) else cfg.mosaic
-        return torch.utils.data.DataLoader(
-            train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-            num_workers=cfg.workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-            persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-        )
-
-    loader = make_loader(start_epoch)
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
+        num_workers=cfg.workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+        persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(cfg.seed + start_epoch),
+    )
     writer = _summary_writer(out_dir)
     t_start = time.monotonic()
     max_epochs, last_fit = cfg.epochs, None
     for epoch in range(start_epoch, cfg.epochs):
-        if train_ds.mosaic and mosaic_closed(epoch):
-            del loader
-            loader = make_loader(epoch)
-            log(f"epoch {epoch + 1}: mosaic off for the last {cfg.epochs - epoch} epochs")
         model.train()
         set_inference_size(model, model_cfg)
         prog = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}")

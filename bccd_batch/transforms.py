@@ -1,18 +1,15 @@
 """Training augmentation for blood smears: plain functions on (uint8 CHW image, Nx4 xyxy boxes, N labels).
 
-Smear fields have no canonical orientation, so all eight flips/90° rotations are equally valid (any
-angle is too, but `rotate` can only estimate the turned boxes, and it lowered val AP on BCCD);
-stain and illumination vary between labs, so colour jitter is strong; cells vary in size between
+Smear fields have no canonical orientation, so all eight flips/90° rotations are equally valid
+(other angles would turn a box into one that can only be estimated); stain and illumination vary between labs, so colour jitter is strong; cells vary in size between
 scanners, which the model's multi-scale training resize covers. Scale is not done here.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchvision.ops import clip_boxes_to_image
-from torchvision.transforms.v2 import InterpolationMode, functional as F
+from torchvision.transforms.v2 import functional as F
 
 
 def hflip(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,24 +26,6 @@ def rot90(img: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Rotate 90° counter-clockwise: pixel (x, y) goes to (y, W - x)."""
     w = img.shape[-1]
     return img.rot90(1, (-2, -1)), torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], 1)
-
-
-def rotate(img, boxes, labels, angle: float, min_kept=0.35):
-    """Rotate `angle` degrees counter-clockwise about the centre, keeping the field's size; the
-    corners brought in are filled with the field's mean colour. Each box is taken to frame an
-    ellipse (cells are round), so the new box frames the rotated ellipse: the box of the rotated
-    corners would grow a round cell's box by up to 41% (at 45 degrees)."""
-    _, h, w = img.shape
-    out = F.rotate(img, angle, interpolation=InterpolationMode.BILINEAR,
-                   fill=img.float().mean((1, 2)).round().tolist())
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    dx, dy = (boxes[:, 0] + boxes[:, 2] - w) / 2, (boxes[:, 1] + boxes[:, 3] - h) / 2
-    # Counter-clockwise on screen with y pointing down: right of the centre moves up.
-    cx, cy = c * dx + s * dy + w / 2, -s * dx + c * dy + h / 2
-    a, b = (boxes[:, 2] - boxes[:, 0]) / 2, (boxes[:, 3] - boxes[:, 1]) / 2
-    hw, hh = (a * c).hypot(b * s), (a * s).hypot(b * c)
-    turned = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], 1)
-    return (out, *_keep_visible(turned, clip_boxes_to_image(turned, (h, w)), labels, min_kept))
 
 
 def random_crop(img, boxes, labels, rng, min_scale=0.6, min_kept=0.35):
@@ -158,18 +137,14 @@ def paste_cells(img, boxes, labels, bank, rng, n_max=3, max_cover=0.2, tries=10)
     return img, torch.cat(new_boxes), torch.cat(new_labels)
 
 
-def augment(img, boxes, labels, rng, rotate_p: float = 0.0):
-    """`rng`: the `random` module or a `random.Random` (anything with random/uniform/randint).
-    `rotate_p`: probability of a rotation by any angle besides the eight flips and quarter turns
-    (within +-45 degrees, which with those covers every orientation)."""
+def augment(img, boxes, labels, rng):
+    """`rng`: the `random` module or a `random.Random` (anything with random/uniform/randint)."""
     if rng.random() < 0.5:
         img, boxes = hflip(img, boxes)
     if rng.random() < 0.5:
         img, boxes = vflip(img, boxes)
     if rng.random() < 0.5:
         img, boxes = rot90(img, boxes)
-    if rotate_p and rng.random() < rotate_p:   # no draw when off: the same stream as before
-        img, boxes, labels = rotate(img, boxes, labels, rng.uniform(-45, 45))
     if rng.random() < 0.5:
         img, boxes, labels = random_crop(img, boxes, labels, rng)
     if rng.random() < 0.8:

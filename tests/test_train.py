@@ -59,20 +59,19 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     the exported card says what they were."""
     split, val = _splits(tmp_path, "BloodImage_00003\n")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", val, "--out", tmp_path / "run",
-        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--rotate", 1, "--seed", 7,
-        "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--stem", "deep", "--box-loss", "giou", "--export", tmp_path / "model", check_rc=0)
+        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--seed", 7,
+        "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--backbone", "resnet18", "--export", tmp_path / "model", check_rc=0)
     card = read_card(tmp_path / "model")
     run = card["training"]["config"]
-    assert (run["lr"], run["weight_decay"], run["mosaic"], run["rotate"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 1.0, 7, {"bccd": 1})
+    assert (run["lr"], run["weight_decay"], run["mosaic"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 7, {"bccd": 1})
     arch = card["architecture"]
-    assert (arch["test_min_size"], arch["cascade_ious"], arch["stem"], arch["box_loss"]) == (320, [0.6], "deep", "giou")
+    assert (arch["test_min_size"], arch["cascade_ious"], arch["backbone"]) == (320, [0.6], "resnet18")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", val, "--out", tmp_path / "one", "--epochs", 1,
         "--batch-size", 2, "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "none", "--export",
         tmp_path / "one-head", check_rc=0)
     assert read_card(tmp_path / "one-head")["architecture"]["cascade_ious"] == []
     for option, bad, says in (("--cascade", "0.6,x", "--cascade takes IoU thresholds"), ("--cascade", "0.6,7", "--cascade takes"),
-                              ("--stem", "5x5", "--stem must be one of 7x7, deep"), ("--backbone", "resnet99", "--backbone must be"),
-                              ("--box-loss", "l2", "--box-loss must be one of smooth_l1, giou")):
+                              ("--backbone", "resnet99", "--backbone must be one of resnet18, resnet34, resnet50")):
         r = cli("train", "--data", bccd, "--out", tmp_path / "bad", option, bad, check_rc=2)
         assert says in r.stderr
 
@@ -144,14 +143,6 @@ def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, two):
     with pytest.raises(typer.Exit):
         export_weights([MODEL, other / "last.pt"], tmp_path / "bad", data="two", train_split="two", val_split=None)
     assert not (tmp_path / "bad").exists()
-
-
-def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path, two):
-    cfg = TrainConfig(epochs=4, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False,
-                      mosaic=1.0, close_mosaic=0.5)
-    logs: list[str] = []
-    train(two, tmp_path / "run", cfg, ModelConfig(), "cpu", log=logs.append)
-    assert [m for m in logs if "mosaic off" in m] == ["epoch 3: mosaic off for the last 2 epochs"]
 
 
 def test_time_budget_fit_can_lengthen_the_run_up_to_epochs():
