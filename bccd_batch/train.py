@@ -117,7 +117,10 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def predict(model, dataset: DetectionDataset, device, batch_size: int = 8) -> dict[str, list[tuple]]:
+    """Detections of every field of `dataset` at the model's test size, as `run` makes them. A model
+    built for training (or its EMA copy) keeps the training sizes, whose largest eval mode would use."""
     model.eval()
+    set_inference_size(model, model.config)
     out: dict[str, list[tuple]] = {}
     for i in range(0, len(dataset.items), batch_size):
         chunk = dataset.items[i:i + batch_size]

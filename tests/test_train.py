@@ -54,6 +54,21 @@ def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd):
     assert set(out[0]) == {"boxes", "scores", "labels"}
 
 
+def test_predictions_are_made_at_the_test_size_whatever_mode_the_model_was_built_in(two):
+    """In-training evaluation and the count-threshold choice predict with a model built for training
+    (its EMA copy): they must see fields at the test size, as `run` does, not the largest training size."""
+    from bccd_batch.model import build_model
+    from bccd_batch.train import DetectionDataset, predict
+
+    model = build_model(ModelConfig.for_input_size(320))
+    assert model.training and model.transform.min_size != (320,)
+    ds = DetectionDataset(two.train[:1], train=False)
+    sizes = []
+    model.transform.register_forward_hook(lambda m, args, out: sizes.append(tuple(out[0].tensors.shape[-2:])))
+    predict(model, ds, "cpu")
+    assert model.transform.min_size == (320,) and min(sizes[0]) == 320
+
+
 def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd):
     """`bccd-batch train ... --export`: the options reach the run (lr scaled to the batch size) and
     the exported card says what they were."""
