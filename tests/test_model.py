@@ -15,7 +15,8 @@ def test_default_model_card_and_weights_agree():
     card = read_card(MODEL)
     model, _ = load_model(MODEL)
     assert card["classes"] == ["RBC", "WBC", "Platelets"]
-    assert 0 < card["thresholds"]["detection"] < card["thresholds"]["count"] < 1
+    assert set(card["thresholds"]["count"]) == {"RBC", "WBC", "Platelets"}   # one count threshold per class
+    assert all(0 < card["thresholds"]["detection"] < t < 1 for t in card["thresholds"]["count"].values())
     assert (MODEL / card["weights"]["file"]).stat().st_size <= 64 * 2**20
     assert not model.training
 

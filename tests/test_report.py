@@ -131,7 +131,8 @@ def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, 
     with open(run / "detections.csv", newline="") as f:
         for r in csv.DictReader(f):
             near.setdefault(r["image"], 0)
-            near[r["image"]] += 0.5 * threshold <= float(r["score"]) < threshold
+            cut = threshold[r["class"]] if isinstance(threshold, dict) else threshold   # one per class, or one for all
+            near[r["image"]] += 0.5 * cut <= float(r["score"]) < cut
     html = (run / "report.html").read_text()
     near.setdefault("slide-B/blank.jpg", 0)   # it may have no detection at all
     cards = re.findall(r'<div class="card" id="card-img\d+">\s*<div class="name">([^<]+)</div>', html)
