@@ -14,7 +14,6 @@ import math
 from typing import Callable
 
 import numpy as np
-import torch
 
 # Variance of the Laplacian of the green channel sampled at every other pixel (`_sampled`): BCCD's
 # 292 fields 20.3-73.0. The 20 val fields blurred and saved as JPEG: at radius 2 px 7.2-11.9
@@ -39,7 +38,11 @@ MIN_RBC = 3
 def _sampled(green):
     """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
     g = green[..., 0::2, 0::2]
-    return g.astype(np.int16) if isinstance(g, np.ndarray) else g.to(torch.int16)
+    if isinstance(g, np.ndarray):
+        return g.astype(np.int16)
+    import torch   # only the device path is torch's: outputs and the report import this module for field_flags
+
+    return g.to(torch.int16)
 
 
 def _laplacian(g):
@@ -70,6 +73,8 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float 
     inference, and read back through pinned memory behind an event, so reading them never waits
     for a later batch. (CPU tensors, from the same paths where there is no GPU, are measured at
     once.)"""
+    import torch
+
     values = torch.empty((len(fields), 2), device=fields[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for i, f in enumerate(fields):

@@ -24,3 +24,14 @@ def test_slides_order_suffixes_hidden_and_loops(tmp_path):
 def test_dangling_symlink_is_listed_for_the_error_report(tmp_path):
     os.symlink(tmp_path / "missing.jpg", tmp_path / "gone.jpg")
     assert [f.rel for f in discover(tmp_path)] == ["gone.jpg"]
+
+
+def test_the_torch_free_stages_load_no_torch():
+    """Discovering, labels, the store, outputs, scoring and the report need no torch (importing it
+    costs seconds): each module imported alone in a fresh interpreter leaves torch unloaded."""
+    import subprocess
+    import sys
+
+    for module in ("discover", "labels", "store", "outputs", "score", "report", "datasets", "cells"):
+        code = f"import sys, bccd_batch.{module}; sys.exit('torch' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
