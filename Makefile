@@ -6,7 +6,7 @@ DATA   ?= ../shared/data/bccd
 SLIDES ?= $(DATA)/JPEGImages
 OUT    ?= results
 
-.PHONY: install demo test chromium bench clean
+.PHONY: install demo test test-fast chromium bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ chromium:
 test: install chromium
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-# GPU throughput table (see BENCHMARKS.md); BENCH_IMAGES copies of BCCD images end to end.
+# The edit-test loop: everything but the tests marked slow (interrupts, soak, multi-process runs, training).
+test-fast: install chromium
+	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+# GPU throughput table (see docs/benchmarks.md); BENCH_IMAGES copies of BCCD images end to end.
 BENCH_IMAGES ?= 10000
 BENCH_DEVICES ?= all
 bench: install

@@ -1,9 +1,12 @@
 """`bccd-batch bench` on the CPU at toy size: the table's plumbing, not a performance figure."""
 
+import pytest
+
 from bccd_batch.bench import run_bench, table
 from conftest import DATA, REPO, cli
 
 
+@pytest.mark.slow
 def test_bench_rows_for_one_engine_and_a_device_set():
     rows = run_bench(DATA / "JPEGImages", 4, REPO / "engines", "cpu", [("torch", 2)], ["cpu,cpu"], log=lambda m: None)
     # "cpu,cpu": one device, two worker processes (one each, the CPU's default).

@@ -1,3 +1,4 @@
+import pytest
 """The nightly job end to end, through the real CLI in a subprocess, on real BCCD images."""
 
 import csv
@@ -19,6 +20,7 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
+@pytest.mark.slow
 def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     (slides / "slide-B" / "notes.jpg").write_text("not an image")
     out = tmp_path / "out"
@@ -77,6 +79,7 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     assert "95% over fields" not in scored.stderr
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2(tmp_path, slides):
     assert cli("run", tmp_path / "missing", "--out", tmp_path / "o").returncode == 2
     p = cli("run", slides, "--out", tmp_path / "o", "--engine", "warp-drive")
@@ -158,6 +161,7 @@ def _sigterm_after_two_rows(slides, out, n, *extra):
     return partial
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
     slides = _slow_folder(tmp_path, bccd, 10)
     ref_out, out = tmp_path / "ref", tmp_path / "out"
@@ -172,6 +176,7 @@ def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
         assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
 
 
+@pytest.mark.slow
 def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, bccd):
     # 24 fields at batch 1 keep the first run busy for well over the second one's start-up.
     slides = _slow_folder(tmp_path, bccd, 24)
@@ -190,6 +195,7 @@ def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, b
     assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 24
 
 
+@pytest.mark.slow
 def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_path):
     import torch
 
@@ -201,6 +207,7 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_p
     assert json.loads((tmp_path / "o" / "latest" / "run.json").read_text())["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_two_device_workers_store_the_same_as_one_process(slides, tmp_path):
     """`--devices cpu,cpu`: two worker processes claiming chunks of one work list, this process the single
     writer. Same images, errors and detections as the in-process run (a second CPU stands in for
@@ -240,6 +247,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd):
     """With worker processes: SIGTERM stores what the workers have in flight and exits 143; a
     SIGKILLed parent leaves no worker behind; reruns then equal an uninterrupted run."""
@@ -304,6 +312,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
         assert d is None if i == 3 else unpack_detections(d) == [("RBC", 1.0, float(i), 0.0, 1.0, 1.0)]
 
 
+@pytest.mark.slow
 def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch):
     """The `--gpu-decode` path on the CPU (torchvision's decoder where nvJPEG would be, the eager
     engine taking the 3xHxW fields it gives): each JPEG is decoded with its batch, anything else

@@ -116,6 +116,7 @@ def hostile_corpus(root: Path) -> tuple[list[str], list[str]]:
 
 
 # On a GPU, JPEGs that pass decode.device_decodable are decoded by nvJPEG: the same outcomes.
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_hostile_corpus_every_input_accounted_for(tmp_path, device):
     if device == "cuda" and not torch.cuda.is_available():
@@ -152,6 +153,7 @@ def _fixture_folder(tmp_path, n):
 DETECTION_BYTES = "SELECT COUNT(*), SUM(length(detections)) FROM images"   # images and their packed detections
 
 
+@pytest.mark.slow
 def test_interrupts_lose_nothing_and_count_nothing_twice(tmp_path):
     slides = _fixture_folder(tmp_path, 4)
     ref = tmp_path / "ref"
@@ -191,6 +193,7 @@ def test_interrupts_lose_nothing_and_count_nothing_twice(tmp_path):
     summary(f"interrupts: {trials} trials {outcomes}; images lost 0, detections duplicated 0")
 
 
+@pytest.mark.slow
 def test_disk_full_fails_clearly_and_keeps_earlier_runs(tmp_path):
     slides = _fixture_folder(tmp_path, 3)
     out = tmp_path / "out"
@@ -300,6 +303,7 @@ def test_fuzz_yolo(tmp_path, lines, names, body):
     _read_checked(root, size=(64, 48))
 
 
+@pytest.mark.slow
 def test_soak_memory_and_fds_stay_flat(tmp_path):
     """A few hundred images (CI's size; the 10,000-image soak runs on the GPU): this process (the
     store) and the worker that infers keep memory and file descriptors flat."""

@@ -27,6 +27,7 @@ def two(tmp_path, bccd):
     return load_training_data([bccd], *map(str, _splits(tmp_path)), log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoint_loads_back(tmp_path, bccd):
     cfg = TrainConfig(epochs=8, batch_size=2, lr=0.01, warmup_iters=2, workers=0, eval_every=8, amp=False)
     data = load_training_data([bccd], *map(str, _splits(tmp_path, "BloodImage_00003\n")), log=lambda m: None)
@@ -69,6 +70,7 @@ def test_predictions_are_made_at_the_test_size_whatever_mode_the_model_was_built
     assert model.transform.min_size == (320,) and min(sizes[0]) == 320
 
 
+@pytest.mark.slow
 def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd):
     """`bccd-batch train ... --export`: the options reach the run (lr scaled to the batch size) and
     the exported card says what they were."""
@@ -116,6 +118,7 @@ def test_init_starts_from_a_model_folder(tmp_path, two):
     assert training["from_scratch"] is True   # the shipped model was, so a fine-tune of it is
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, two):
     """--resume: a run stopped after its first epoch goes on to the end of its schedule from last.pt,
     and still says what it started from."""
