@@ -212,7 +212,7 @@ def export_weights(
 def run(
     slides: Path = typer.Argument(..., help="Folder of slides: each first-level subfolder is one slide."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
-    labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC folder, CSV or COCO JSON)."),
+    labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC, YOLO folder or data.yaml, CSV or COCO JSON)."),
     bootstrap: Bootstrap = 200,
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder (model.json + weights); default: the embedded model."),
     engine: str = typer.Option("auto", envvar="BCCD_BATCH_ENGINE", help="auto, torch, compiled (CUDA) or tensorrt (CUDA, built engine)."),
@@ -226,7 +226,7 @@ def run(
                                                      help="Worker processes per device; default 3 per GPU, 1 on the CPU."),
     precision: str = typer.Option("fp16", envvar="BCCD_BATCH_PRECISION",
                                   help="GPU engines: fp16, or fp32 for per-image counts identical to eager torch "
-                                       "(87/87 val fields against 85/87, at ~70% of fp16's speed; one H100)."),
+                                       "at ~70% of fp16's speed (docs/gpu-engines.md)."),
     mps: bool = typer.Option(True, envvar="BCCD_BATCH_MPS",
                              help="Workers sharing a GPU run under CUDA MPS (an operator's daemon, else one started for the run)."),
     gpu_decode: bool = typer.Option(True, envvar="BCCD_BATCH_GPU_DECODE",
@@ -319,7 +319,7 @@ def report(
 @app.command(rich_help_panel="Nightly")
 def score(
     run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
-    labels: Path = typer.Option(..., help="VOC folder, CSV or COCO JSON."),
+    labels: Path = typer.Option(..., help="VOC, YOLO folder or data.yaml, CSV or COCO JSON."),
     bootstrap: Bootstrap = 200,
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
 ) -> None:

@@ -243,8 +243,8 @@ def _decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: 
     device worker's loop. `on_device`: JPEGs nvJPEG can take are decoded on the engine's GPU.
     Each field's quality (quality.py) is measured where the engine runs: on a GPU, from the copy
     that the engine reads, uploaded here, so that the decode threads (what a GPU run decoding with
-    Pillow waits on) only decode. Measured in those threads it cost ~0.2 ms a field, and such a run
-    a fifth to a third of its images/s (BENCHMARKS.md, tenth session)."""
+    Pillow waits on) only decode: measured in those threads it cost such a run a fifth to a third
+    of its images/s (docs/benchmarks.md)."""
     model_sha = engine.card["weights"]["sha256"]
     window = max(2 * opts.batch_size, 4 * opts.decode_workers)
     uploads = Uploads(engine.device) if engine.device.startswith("cuda") else None
@@ -326,11 +326,8 @@ def _collect_group(batch: list[_Prepared], done: list[_Prepared], collect, unmea
 def worker_devices(devices: list[str], per_device: int | None = None) -> list[str]:
     """One entry per worker process. By default three per GPU: a worker's decode threads and engine
     glue share one GIL and leave its GPU idle between batches, which the other workers' batches
-    fill (and, under MPS, overlap: mps.py). One H100 on a 16-core host, compiled fp16 batch 32, 10,000 images, one call: three
-    workers with 4 decode threads each 1,970 images/s end to end, two 1,459-1,558 (an earlier
-    session: two 1,642, one 908); with MPS and nvJPEG decoding, another such call: two 2,106,
-    three 2,201, four 2,213. One on the CPU, where torch already spreads one worker over every
-    core."""
+    fill (and, under MPS, overlap: mps.py); docs/benchmarks.md has the measured worker counts. One
+    on the CPU, where torch already spreads one worker over every core."""
     if per_device is None:
         gpus = torch.cuda.is_available() and all(names_gpu(d) for d in devices)
         per_device = 3 if gpus else 1

@@ -2,7 +2,7 @@
 
 Usage: python scripts/profile_engine.py [ENGINE] [BATCH] [MODEL_DIR] [VOC_ROOT]   (needs a CUDA GPU)
 Prints wall time per batch, GPU kernel time per batch (the GPU's busy share) and the top ops by
-GPU time and by CPU time, which is what BENCHMARKS.md's "where the time goes" is read from.
+GPU time and by CPU time, which is what docs/benchmarks.md's "where the time goes" is read from.
 """
 
 import re

@@ -1,5 +1,5 @@
 """MPS for a run's workers (mps.py). This machine has no GPU and no MPS: a stand-in control program
-records what the run asks of it; on the lent GPU the bench runs the real one (BENCHMARKS.md)."""
+records what the run asks of it; on a GPU the bench runs the real one (docs/benchmarks.md)."""
 
 import json
 import os
