@@ -11,9 +11,12 @@ and leave every BCCD field unflagged.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Variance of the Laplacian of the green channel sampled at every other pixel (`_sampled`): BCCD's
 # 292 fields 20.3-73.0. The 20 val fields blurred and saved as JPEG: at radius 2 px 7.2-11.9
