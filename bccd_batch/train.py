@@ -20,9 +20,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import transforms as T
+from .cells import CLASSES
 from .datasets import Field, TrainingData
 from .progress import Progress
-from .cells import CLASSES
 from .model import ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
@@ -364,7 +364,8 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         torch.save({"model": ema.module.state_dict(), "epoch": history[-1]["epoch"], "val": {}, **described()},
                    out_dir / "best.pt")
     first = next(iter(data.summary))
-    reference = DetectionDataset([f for f in data.train if f.key.split("/", 1)[0] == first], train=False)
+    # The first dataset's training fields (the most complete labels); all of them where it has none.
+    reference = DetectionDataset([f for f in data.train if f.key.split("/", 1)[0] == first] or data.train, train=False)
     chosen = choose_count_threshold_for(out_dir / "best.pt", reference, dev)
     log(f"count thresholds {chosen['count']}: per-image count MAE {chosen['MAE']} on {chosen['images']} "
         f"training fields of {first}")

@@ -173,3 +173,21 @@ def test_time_budget_fit_can_lengthen_the_run_up_to_epochs():
     assert fitted_epochs(1300, elapsed=57.2, per_epoch=2.6, done=20, cap=3000) == 497
     assert fitted_epochs(1300, elapsed=57.2, per_epoch=2.6, done=20, cap=400) == 400
     assert fitted_epochs(10, elapsed=57.2, per_epoch=2.6, done=20, cap=3000) == 21   # spent: one more epoch
+
+
+def test_two_datasets_train_with_val_figures_per_source(tmp_path, bccd):
+    """train --data txl_pbc --data bccd on a few fields (CPU smoke): BCCD's XML copy of a field that
+    txl_pbc labels completely is dropped, and val is scored per source (txl_pbc's BCCD and PBC fields)."""
+    txl = bccd.parent / "txl_pbc"
+    (tmp_path / "t.txt").write_text("00565b1186cd5783a39283d119429a10.png\n023edb8ed3205da29377c5fb6a8a1edb.png\n"
+                                    "BloodImage_00336\nBloodImage_00000\n")   # 00336: the same pixels as 023edb...
+    (tmp_path / "v.txt").write_text("00fab69fff485b4f92f284d2a581d35d.png\n04ac2bddecd4555eb3714d75b1e5e760.png\n")
+    data = load_training_data([txl, bccd], str(tmp_path / "t.txt"), str(tmp_path / "v.txt"), log=lambda m: None)
+    assert sorted(f.key for f in data.train) == ["bccd/BloodImage_00000.jpg", "txl_pbc/00565b1186cd5783a39283d119429a10.png",
+                                                 "txl_pbc/023edb8ed3205da29377c5fb6a8a1edb.png"]
+    assert data.summary["bccd"]["duplicates_dropped"] == 1 and list(data.val_sources()) == ["txl_pbc/BCCD", "txl_pbc/PBC"]
+    cfg = TrainConfig(epochs=1, batch_size=3, lr=0.001, warmup_iters=1, workers=0, eval_every=1, amp=False)
+    summary = train(data, tmp_path / "run", cfg, ModelConfig.for_input_size(320), "cpu", max_steps=1, log=lambda m: None)
+    last = summary["history"][-1]
+    assert {"val_txl_pbc/BCCD_AP", "val_txl_pbc/PBC_AP", "val_AP"} <= set(last)
+    assert last["val_AP"] == pytest.approx((last["val_txl_pbc/BCCD_AP"] + last["val_txl_pbc/PBC_AP"]) / 2)
