@@ -251,7 +251,7 @@ def run(
     if labels is not None and not labels.exists():
         raise _fail(f"labels path not found: {labels}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
-                      batch_size=batch_size, full=full, decode_workers=decode_workers, labels=labels,
+                      batch_size=batch_size, full=full, decode_workers=decode_workers,
                       workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode,
                       keep_runs=keep_runs)
     try:

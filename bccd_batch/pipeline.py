@@ -66,7 +66,6 @@ class RunOptions:
     batch_size: int = 8
     full: bool = False
     decode_workers: int | None = None          # threads per worker; None: decode_threads()
-    labels: Path | None = None
     workers_per_device: int | None = None      # None: 3 per GPU, 1 on the CPU (worker_devices)
     precision: str = "fp16"                     # the GPU engines'; eager torch is fp32
     mps: bool = True                            # workers sharing a GPU under CUDA MPS (mps.py)
