@@ -15,13 +15,12 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 
-from .cells import CLASSES, class_counts
+from .cells import CLASSES
 from .datasets import image_root, pixel_hash
 from .decode import decode_file
-from .labels import box_counts, read_labels
-from .score import COUNT_THRESHOLDS, _iou
+from .labels import read_labels
+from .score import CountEvaluator, _iou, choose_count_threshold, evaluate_all
 
 
 def unlabelled_detections(dets: list[tuple], boxes: list[tuple], iou: float = 0.5) -> list[tuple]:
@@ -32,18 +31,17 @@ def unlabelled_detections(dets: list[tuple], boxes: list[tuple], iou: float = 0.
 def choose_thresholds(candidates: dict[str, list[tuple]], own: dict[str, list[tuple]],
                       reference: dict[str, list[tuple]]) -> dict:
     """Per class, the score from COUNT_THRESHOLDS at which own + candidate boxes count closest to the
-    reference labels (lowest per-field MAE; the lowest score on a tie)."""
+    reference labels (lowest per-field MAE; the lowest score on a tie): `choose_count_threshold` with a
+    field's own boxes as detections that every threshold counts."""
     keys = sorted(reference)
-    ref = np.array([[box_counts(reference[k])[c] for c in CLASSES] for k in keys])
-    base = np.array([[box_counts(own[k])[c] for c in CLASSES] for k in keys])
-    mae = np.array([np.abs(base + np.array([[class_counts(candidates[k], t)[c] for c in CLASSES] for k in keys]) - ref).mean(0)
-                    for t in COUNT_THRESHOLDS])          # [thresholds, classes]
-    best = mae.argmin(0)
-    return {"thresholds": {c: COUNT_THRESHOLDS[best[i]] for i, c in enumerate(CLASSES)},
-            "fields": len(keys),
-            "MAE_own_labels": {c: round(float(np.abs(base - ref).mean(0)[i]), 3) for i, c in enumerate(CLASSES)},
-            "MAE_completed": {c: round(float(mae[best[i], i]), 3) for i, c in enumerate(CLASSES)},
-            "bias_own_labels": {c: round(float((base - ref).mean(0)[i]), 3) for i, c in enumerate(CLASSES)}}
+    gt = {k: {"boxes": reference[k]} for k in keys}
+    sure = {k: [(b[0], 1.0, *b[1:]) for b in own[k]] for k in keys}
+    chosen = choose_count_threshold(gt, {k: sure[k] + candidates[k] for k in keys})
+    (own_only,) = evaluate_all([CountEvaluator(1.0)], gt, sure)
+    return {"thresholds": chosen["count"], "fields": len(keys),
+            "MAE_own_labels": {c: round(v["MAE"], 3) for c, v in own_only["per_class"].items()},
+            "MAE_completed": {c: round(v, 3) for c, v in chosen["MAE"].items()},
+            "bias_own_labels": {c: round(v["mean_signed_error"], 3) for c, v in own_only["per_class"].items()}}
 
 
 def complete_labels(data: Path, reference: Path, model_dir: Path, out: Path, split: str | None = "train",

@@ -70,3 +70,17 @@ def test_seeded_val_fraction_does_not_depend_on_the_order_fields_came_in():
     train, val, how = split_keys(LabelSet(recs, []), "train", "val", 0.3, seed=4)
     train2, val2, _ = split_keys(LabelSet(dict(reversed(list(recs.items()))), []), "train", "val", 0.3, seed=4)
     assert (train, val) == (train2, val2) and len(val) == 3 and not set(train) & set(val) and "seeded" in how
+
+
+def test_completion_thresholds_count_own_boxes_plus_the_teachers_closest_to_complete_labels():
+    from bccd_batch.complete import choose_thresholds, unlabelled_detections
+
+    own = {"a": [("RBC", 0, 0, 10, 10)]}                                   # the incomplete labels: one of three RBCs
+    reference = {"a": [("RBC", 0, 0, 10, 10), ("RBC", 20, 0, 30, 10), ("RBC", 40, 0, 50, 10)]}
+    teacher = [("RBC", 0.9, 0, 0, 10, 10), ("RBC", 0.7, 20, 0, 30, 10), ("RBC", 0.6, 40, 0, 50, 10),
+               ("RBC", 0.3, 60, 0, 70, 10)]                                 # the first is the labelled cell again
+    candidates = {"a": unlabelled_detections(teacher, own["a"])}
+    assert [d[1] for d in candidates["a"]] == [0.7, 0.6, 0.3]
+    chosen = choose_thresholds(candidates, own, reference)
+    assert chosen["thresholds"]["RBC"] == 0.35 and chosen["MAE_completed"]["RBC"] == 0.0   # adds 0.7 and 0.6, not 0.3
+    assert chosen["MAE_own_labels"]["RBC"] == 2.0 and chosen["bias_own_labels"]["RBC"] == -2.0
