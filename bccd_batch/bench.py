@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .decode import decode_file
-from .engines import EngineError, one_ahead, select_engine, submit
+from .backends import EngineError, one_ahead, select_engine, submit
 from .pipeline import RunOptions, open_fds, parse_devices, rss_mb, run
 
 

@@ -240,7 +240,7 @@ def run(
     Exit codes: 0 all images processed, 3 some inputs unreadable (see errors.csv), 2 usage or
     configuration error, 75 another run holds OUT's lock, 130/143 interrupted, 1 unexpected failure.
     """
-    from .engines import EngineError
+    from .backends import EngineError
     from .labels import LabelError
     from .model import ModelError
     from .pipeline import EXIT_LOCKED, LockedError, RunOptions, run as run_pipeline
@@ -379,19 +379,19 @@ def build_engine(
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL"),
 ) -> None:
     """Build (and cache per GPU, backend version, model sha256, precision, batch range) a GPU engine."""
-    from .engines import EngineError
+    from .backends import EngineError
 
     model_dir = model or default_model_dir()
     try:
         if backend == "tensorrt":
-            from .engines.tensorrt import build_all, engine_cache_root
+            from .backends.tensorrt import build_all, engine_cache_root
             from .model import load_model
 
             m, card = load_model(model_dir)
             manifest = build_all(m, card["weights"]["sha256"], engine_cache_root(), precision, max_batch)
             typer.echo(json.dumps(manifest))
         elif backend == "compiled":
-            from .engines.split_engine import SplitEngine
+            from .backends.split_engine import SplitEngine
 
             eng = SplitEngine(model_dir, "cuda", max_batch, "compiled", precision)
             eng.warm_up()

@@ -38,7 +38,7 @@ import torch
 from . import __version__
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile, discover
-from .engines import EngineError, field_hw, names_gpu, one_ahead, select_engine, submit
+from .backends import EngineError, field_hw, names_gpu, one_ahead, select_engine, submit
 from .model import ModelError, Uploads, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, prune_runs, write_run_files

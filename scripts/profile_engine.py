@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bccd_batch.decode import decode_file
-from bccd_batch.engines import select_engine
+from bccd_batch.backends import select_engine
 
 name = sys.argv[1] if len(sys.argv) > 1 else "compiled"
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32

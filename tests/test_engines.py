@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bccd_batch.decode import decode_file
-from bccd_batch.engines.split import DenseStage, SplitDetector, box_stages, infer_split
+from bccd_batch.backends.split import DenseStage, SplitDetector, box_stages, infer_split
 from bccd_batch.model import ModelConfig, Uploads, box_heads, build_model, detections_to_tuples, load_model
 from conftest import DATA, FIGURES, MODEL
 
@@ -86,7 +86,7 @@ def test_one_pass_roi_align_equals_torchvision_at_the_field_edges(setup, monkeyp
 def test_onnx_graphs_match_pytorch(setup, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from bccd_batch.engines.onnx_export import OnnxRuntimeStage, export_onnx
+    from bccd_batch.backends.onnx_export import OnnxRuntimeStage, export_onnx
 
     model, images, ref = setup
     dense_path, box_paths = export_onnx(model, tmp_path, "fp32", max_batch=8)
@@ -107,10 +107,10 @@ def test_tensorrt_engine_matches_eager(setup, tmp_path, monkeypatch):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (its builder cannot be installed in this workplace)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    from bccd_batch.engines.split_engine import SplitEngine
+    from bccd_batch.backends.split_engine import SplitEngine
 
     monkeypatch.setenv("BCCD_BATCH_ENGINE_CACHE", str(tmp_path))
-    from bccd_batch.engines.tensorrt import build_all
+    from bccd_batch.backends.tensorrt import build_all
 
     model, images, ref = setup
     build_all(model, load_model(MODEL)[1]["weights"]["sha256"], tmp_path, "fp32", 4)
@@ -119,7 +119,7 @@ def test_tensorrt_engine_matches_eager(setup, tmp_path, monkeypatch):
 
 
 def _compiled_counts_match(images, ref):
-    from bccd_batch.engines.split_engine import SplitEngine
+    from bccd_batch.backends.split_engine import SplitEngine
 
     eng = SplitEngine(MODEL, "cuda", 4, "compiled", "fp16")
     got = eng.infer(images)
@@ -164,3 +164,18 @@ def test_compiled_engine_redoes_a_batch_whose_nms_did_not_settle(setup, monkeypa
     (_, (_, converged), _), = eng.detector._graphs.values()
     assert not bool(converged.cpu().all())   # the graph's one round was not enough ...
     assert same == len(images)               # ... and the redone batches are still right
+
+
+def test_auto_tries_tensorrt_only_for_a_model_built_on_this_machine(tmp_path, monkeypatch):
+    from bccd_batch.backends.tensorrt import built_here
+
+    monkeypatch.setenv("BCCD_BATCH_ENGINE_CACHE", str(tmp_path))
+    assert not built_here("abc")                                   # no cache at all
+    (tmp_path / "key-b16").mkdir()
+    (tmp_path / "key-b16" / "manifest.json").write_text('{"model_sha256": "other"}')
+    (tmp_path / "bad-b8").mkdir()
+    (tmp_path / "bad-b8" / "manifest.json").write_text("{not json")
+    assert not built_here("abc")                                   # another model's engines, a broken manifest
+    (tmp_path / "key2-b32").mkdir()
+    (tmp_path / "key2-b32" / "manifest.json").write_text('{"model_sha256": "abc"}')
+    assert built_here("abc")

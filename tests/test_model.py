@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from bccd_batch.engines.split import box_stages
+from bccd_batch.backends.split import box_stages
 from bccd_batch.model import (ClassBalancedSampler, ModelConfig, ModelError, build_model, load_model, read_card,
                               save_model)
 from conftest import MODEL

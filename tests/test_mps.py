@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bccd_batch import mps, pipeline
-from bccd_batch.engines import EngineError
+from bccd_batch.backends import EngineError
 from conftest import MODEL
 
 CONTROL = """#!/bin/sh

@@ -319,7 +319,7 @@ def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch)
     as before; if the batch decoder refuses, every field still gets decode_bytes and its reason."""
     from bccd_batch import pipeline
     from bccd_batch.discover import ImageFile
-    from bccd_batch.engines.torch_eager import TorchEngine
+    from bccd_batch.backends.torch_eager import TorchEngine
     from bccd_batch.store import unpack_detections
 
     names = sorted((bccd / "JPEGImages").glob("*.jpg"))[:3]

@@ -114,7 +114,7 @@ def test_a_gpu_engine_measures_pillow_decoded_fields_on_the_gpu(bccd, tmp_path, 
         pytest.skip("needs a CUDA GPU")
     from bccd_batch import pipeline
     from bccd_batch.discover import ImageFile
-    from bccd_batch.engines.torch_eager import TorchEngine
+    from bccd_batch.backends.torch_eager import TorchEngine
     from conftest import MODEL
 
     paths = sorted((bccd / "JPEGImages").glob("*.jpg"))[:9]

@@ -345,7 +345,7 @@ def test_cuda_out_of_memory_halves_the_batch_and_goes_on():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bccd_batch.decode import decode_file
-    from bccd_batch.engines.torch_eager import TorchEngine
+    from bccd_batch.backends.torch_eager import TorchEngine
 
     images = [decode_file(p) for p in sorted((DATA / "JPEGImages").glob("*.jpg"))[:64]]
     ref = TorchEngine(REPO / "engines", "cuda", batch_size=1).infer(images[:8])

@@ -118,6 +118,18 @@ def engine_cache_root() -> Path:
     return Path(os.environ.get("BCCD_BATCH_ENGINE_CACHE", Path.home() / ".cache" / "bccd-batch" / "engines"))
 
 
+def built_here(model_sha: str) -> bool:
+    """Whether `build-engine` ever built engines of this model on this machine (their manifests say
+    so): only then does `--engine auto` try TensorRT, so a machine without one logs nothing about it."""
+    for manifest in engine_cache_root().glob("*-b*/manifest.json"):
+        try:
+            if json.loads(manifest.read_text()).get("model_sha256") == model_sha:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def cached_engine_dir(model_sha: str, precision: str, batch_size: int, box_names: list[str]) -> Path | None:
     """The built engines (dense.plan and one plan per `box_names`) for this exact
     GPU/TensorRT/model/precision, if their batch range covers batch_size; a key mismatch means

@@ -66,14 +66,17 @@ PRECISIONS = ("fp16", "fp32")
 
 def select_engine(name: str, device: str, model_dir: Path, batch_size: int, log=print,
                   precision: str = "fp16") -> Engine:
-    """`auto`: TensorRT where it imports and a matching engine is built, else the compiled engine
-    on CUDA, else eager torch (on the CPU when there is no GPU). run.json records the choice.
+    """`auto`: TensorRT where `build-engine` built this model's engines on this machine, else the
+    compiled engine on CUDA, else eager torch (on the CPU when there is no GPU). run.json records
+    the choice; a fast engine that was tried and could not be used is logged with the reason.
     `precision` is the GPU engines' (eager torch is the fp32 reference)."""
     if name not in ENGINE_CHOICES:
         raise EngineError(f"unknown engine {name!r} (choose from {', '.join(ENGINE_CHOICES)})")
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    from ..model import read_card
     from .split_engine import SplitEngine
+    from .tensorrt import built_here
     from .torch_eager import TorchEngine, resolve_device
 
     if name == "torch":
@@ -81,7 +84,8 @@ def select_engine(name: str, device: str, model_dir: Path, batch_size: int, log=
     if name in ("compiled", "tensorrt"):
         return SplitEngine(model_dir, device, batch_size, name, precision)
     if resolve_device(device).type == "cuda":
-        for backend in ("tensorrt", "compiled"):
+        built = built_here(read_card(model_dir)["weights"]["sha256"])
+        for backend in ("tensorrt", "compiled") if built else ("compiled",):
             try:
                 return SplitEngine(model_dir, device, batch_size, backend, precision)
             except EngineError as e:
