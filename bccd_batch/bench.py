@@ -121,7 +121,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             del engine
         single = rows[-1] if rows else None
         for spec in device_sets:
-            multi = parse_devices(spec)
+            multi = parse_devices(spec, log)
             if len(multi) < 2 or single is None:
                 continue
             name, batch = next((e, b) for e, b in reversed(engines) if single["engine"].startswith(e))

@@ -237,8 +237,9 @@ def run(
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
-    Exit codes: 0 all images processed, 3 some inputs unreadable (see errors.csv), 2 usage or
-    configuration error, 75 another run holds OUT's lock, 130/143 interrupted, 1 unexpected failure.
+    Exit codes: 0 all images processed, 3 some inputs unreadable (see errors.csv), 66 no image file
+    under SLIDES at all, 2 usage or configuration error, 75 another run holds OUT's lock, 130/143
+    interrupted, 1 unexpected failure.
     """
     from .backends import EngineError
     from .labels import LabelError

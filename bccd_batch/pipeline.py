@@ -49,6 +49,9 @@ from .store import STORE_NAME, Store, pack_detections
 WORK_LIST = ".work-list"    # OUT/<this>: the running run's work for its workers (`_write_work_list`)
 
 EXIT_OK, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 3, 75    # 2 (usage) and 1 (unexpected) come from cli.py
+# No image file at all under SLIDES (an empty folder, a share that is not mounted): sysexits' EX_NOINPUT,
+# so a cron wrapper can tell it from a quiet night (a rerun with nothing new exits 0).
+EXIT_NO_IMAGES = 66
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -354,15 +357,30 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def parse_devices(spec: str) -> list[str]:
-    """`cuda:0,cuda:1` -> both; `all` -> every CUDA GPU (the CPU where there is none); else one."""
+def parse_devices(spec: str, log=print) -> list[str]:
+    """`--device` once, in the parent, to what each worker runs on: `cuda:0,cuda:1` -> both; `all`
+    -> every CUDA GPU; `auto` -> `cuda` where there is one; the CPU where a GPU is asked for and there
+    is none (said once, in one line); an unknown device or GPU number is an EngineError."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "all":
-        n = torch.cuda.device_count()
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices:
         raise EngineError(f"no device in {spec!r}")
-    return devices
+    out = []
+    for d in devices:
+        kind, _, index = d.partition(":")
+        if d == "auto":
+            d = "cuda" if n else "cpu"
+        elif kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise EngineError(f"unsupported device {d!r} (use cpu, cuda, cuda:N, all, auto or a list)")
+        elif kind == "cuda" and not n:
+            log(f"{d} requested but no CUDA GPU is available: running on the CPU")
+            d = "cpu"
+        elif index and int(index) >= n:
+            raise EngineError(f"{d} requested but this machine has {n} CUDA GPU{'s' if n > 1 else ''}")
+        out.append(d)
+    return out
 
 
 def run(opts: RunOptions, log=print) -> RunResult:
@@ -373,7 +391,7 @@ def run(opts: RunOptions, log=print) -> RunResult:
     try:
         store = Store(out / STORE_NAME)     # before any worker starts: a store we cannot use ends the run here
         try:
-            devices = worker_devices(parse_devices(opts.device), opts.workers_per_device)
+            devices = worker_devices(parse_devices(opts.device, log), opts.workers_per_device)
             opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
             mps = mps_for_workers(log) if opts.mps and mps_wanted(devices) else contextlib.nullcontext("off")
             started, mode = False, "off"
@@ -634,6 +652,8 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
     known = {r["rel"]: (r["size"], r["mtime_ns"], r["sha256"], r["status"], r["error"], r["model_sha256"])
              for r in store.db.execute("SELECT * FROM images WHERE root=?", (root,))}
     log(f"{len(files)} images under {opts.slides} -> {run_dir}")
+    if not files:
+        log(f"no image files under {opts.slides}: nothing to process (an empty folder, or a share that is not mounted?)")
     status, n_inferred, store_seconds, first_group_seconds = "failed", 0, 0.0, 0.0
     stop = _StopFlag()
     try:
@@ -650,7 +670,7 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
                     first_group_seconds = first_group_seconds or time.monotonic() - t0
                     prog.update(len(group))
             prog.close()
-        status = "interrupted" if stop.signum is not None else "finished"
+        status = "interrupted" if stop.signum is not None else "finished" if files else "no_images"
     finally:
         outcomes = store.outcomes(run_id)
         elapsed = time.monotonic() - t0
@@ -665,7 +685,8 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
                       "training_data": card.get("training", {}).get("data")},
             "engine": inference.name, "device": inference.device, "device_name": inference.device_name, "mps": mps,
             "batch_size": opts.batch_size, "decode_threads_per_worker": opts.decode_workers, "full": opts.full,
-            "gpu_decode": opts.gpu_decode, "fields_decoded_on_gpu": decoded_on_gpu,
+            # What happened, not what was allowed: on the CPU nothing is decoded on a GPU.
+            "gpu_decode": opts.gpu_decode and "cuda" in inference.device, "fields_decoded_on_gpu": decoded_on_gpu,
             "images": {"discovered": len(files), "new": outcomes.get("new", 0),
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
@@ -690,6 +711,8 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
         point_latest(out, run_dir)
     if stop.signum is not None:
         code = EXIT_SIGNAL[stop.signum]
+    elif status == "no_images":
+        code = EXIT_NO_IMAGES
     else:
         code = EXIT_INPUT_ERRORS if info["images"]["failed"] else EXIT_OK
     return RunResult(run_dir.name, run_dir, code, info)

@@ -103,6 +103,40 @@ def test_usage_errors_exit_2(tmp_path, slides):
     assert sqlite3.connect(newer / "bccd-batch.sqlite").execute("PRAGMA user_version").fetchone()[0] == 99
 
 
+def test_a_night_without_any_image_file_exits_66_and_says_so(tmp_path):
+    empty = tmp_path / "slides"
+    (empty / "slide-A").mkdir(parents=True)
+    (empty / "slide-A" / "notes.txt").write_text("not an image")       # no image file at all: an unmounted share looks so
+    out = tmp_path / "out"
+    p = cli("run", empty, "--out", out, "--device", "cpu")
+    assert p.returncode == 66 and "no image files under" in p.stderr and "Traceback" not in p.stderr
+    info = json.loads((out / "latest" / "run.json").read_text())
+    assert info["status"] == "no_images" and info["images"]["discovered"] == 0
+    index = (out / "index.html").read_text()
+    assert 'class="l alert" title="no image file under the slides folder' in index and ">no_images<" in index
+
+
+def test_devices_are_parsed_once_to_what_each_worker_runs_on(monkeypatch):
+    import torch
+
+    from bccd_batch.backends import EngineError
+    from bccd_batch.pipeline import parse_devices
+
+    said = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_devices("auto", said.append) == ["cpu"] and parse_devices("all", said.append) == ["cpu"] and not said
+    assert parse_devices("cuda:0, cpu", said.append) == ["cpu", "cpu"]
+    assert said == ["cuda:0 requested but no CUDA GPU is available: running on the CPU"]
+    for bad in ("tpu", "cpu:1", "cuda:x", " , "):
+        with pytest.raises(EngineError):
+            parse_devices(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_devices("all") == ["cuda:0", "cuda:1"] and parse_devices("auto") == ["cuda"]
+    with pytest.raises(EngineError, match="this machine has 2 CUDA GPUs"):
+        parse_devices("cuda:0,cuda:2")
+
+
 def test_worker_devices_repeat_each_device_in_order():
     from bccd_batch.pipeline import worker_devices
 
@@ -203,8 +237,11 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu_with_warning(slides, tmp_p
         import pytest
         pytest.skip("this machine has a GPU")
     p = cli("run", slides, "--out", tmp_path / "o", "--device", "cuda", check_rc=0)
-    assert "no CUDA GPU is available" in p.stderr
-    assert json.loads((tmp_path / "o" / "latest" / "run.json").read_text())["device"] == "cpu"
+    # One line, said once by the parent (not a Python warning per worker).
+    assert p.stderr.count("cuda requested but no CUDA GPU is available: running on the CPU\n") == 1
+    assert "Warning" not in p.stderr
+    info = json.loads((tmp_path / "o" / "latest" / "run.json").read_text())
+    assert info["device"] == "cpu" and info["gpu_decode"] is False     # allowed by default, but nothing ran on a GPU
 
 
 @pytest.mark.slow
