@@ -118,7 +118,7 @@ def train(
 
 @app.command("complete-labels", rich_help_panel="Model")
 def complete_labels_cmd(
-    data: Path = typer.Argument(..., help="Dataset whose labels leave cells out (VOC root, YOLO folder, CSV or COCO JSON)."),
+    data: Path = typer.Argument(..., metavar="DATA", help="Dataset whose labels leave cells out (VOC root, YOLO folder, CSV or COCO JSON)."),
     reference: Path = typer.Option(..., help="Complete labels of some of DATA's fields (matched by pixels), to choose the teacher's thresholds on."),
     out: Path = typer.Option(..., help="YOLO folder to write (labels/, splits/, pseudo.csv; images/ links to DATA's)."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Teacher model folder; default: the embedded model."),
@@ -140,7 +140,7 @@ def complete_labels_cmd(
 
 @app.command("export-weights", rich_help_panel="Model")
 def export_weights(
-    checkpoints: list[Path] = typer.Argument(..., help="best.pt or last.pt from `bccd-batch train`, or model folders; several are averaged (a uniform model soup)."),
+    checkpoints: list[Path] = typer.Argument(..., metavar="CHECKPOINTS", help="best.pt or last.pt from `bccd-batch train`, or model folders; several are averaged (a uniform model soup)."),
     out: Path = typer.Option(Path("engines"), help="Folder for model.safetensors and model.json."),
     data: str = typer.Option("BCCD train split", help="Training data, recorded in the card."),
     train_split: str = typer.Option("train"),
@@ -210,7 +210,7 @@ def export_weights(
 
 @app.command(rich_help_panel="Nightly")
 def run(
-    slides: Path = typer.Argument(..., help="Folder of slides: each first-level subfolder is one slide."),
+    slides: Path = typer.Argument(..., metavar="SLIDES", help="Folder of slides: each first-level subfolder is one slide."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
     labels: Optional[Path] = typer.Option(None, help="Also score against these labels (VOC, YOLO folder or data.yaml, CSV or COCO JSON)."),
     bootstrap: Bootstrap = 200,
@@ -304,7 +304,7 @@ def _render(out: Path, run_name: str) -> Path:
 
 @app.command(rich_help_panel="Nightly")
 def report(
-    run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
+    run_name: str = typer.Argument("latest", metavar="RUN", help="Run folder name under OUT/runs, or 'latest'."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
 ) -> None:
     """(Re)render OUT/runs/RUN/report.html and OUT/index.html from the store."""
@@ -319,7 +319,7 @@ def report(
 
 @app.command(rich_help_panel="Nightly")
 def score(
-    run_name: str = typer.Argument("latest", help="Run folder name under OUT/runs, or 'latest'."),
+    run_name: str = typer.Argument("latest", metavar="RUN", help="Run folder name under OUT/runs, or 'latest'."),
     labels: Path = typer.Option(..., help="VOC, YOLO folder or data.yaml, CSV or COCO JSON."),
     bootstrap: Bootstrap = 200,
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),

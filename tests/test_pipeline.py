@@ -81,6 +81,7 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
 
 @pytest.mark.slow
 def test_usage_errors_exit_2(tmp_path, slides):
+    assert " run [OPTIONS] {SLIDES}" in cli("run", "--help").stdout    # the argument as the docs name it
     assert cli("run", tmp_path / "missing", "--out", tmp_path / "o").returncode == 2
     p = cli("run", slides, "--out", tmp_path / "o", "--engine", "warp-drive")
     assert p.returncode == 2 and "unknown engine" in p.stderr and "Traceback" not in p.stderr
