@@ -136,7 +136,7 @@ def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, 
     html = (run / "report.html").read_text()
     near.setdefault("slide-B/blank.jpg", 0)   # it may have no detection at all
     cards = re.findall(r'<div class="card" id="card-img\d+">\s*<div class="name">([^<]+)</div>', html)
-    assert cards[0] == "slide-B/blank.jpg"
+    assert cards[0] == "slide-B/blank.jpg" and "Flagged fields (blurred" in html and "without labels" not in html
     assert re.search(r'blank.jpg</div>.*?<span class="flag" title="0 RBC counted[^"]*">few cells</span>', html, re.S)
     assert cards[1:] == sorted((r for r in near if r != cards[0]), key=lambda rel: (-near[rel], rel))
     assert cards[1:] != sorted(cards[1:])   # these five fields' uncertain counts are not in name order
@@ -227,3 +227,5 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     html = (out / "latest" / "report.html").read_text()
     assert 'id="intervals"' in html and f"AP {ci['AP'][0]:.3f}–{ci['AP'][1]:.3f}" in html
     assert 'id="slide-metrics"' in html and f"<td>{metrics['per_slide']['slide-2']['AP']:.3f}</td>" in html
+    # Every field is labelled: the gallery says nothing about ordering fields without labels.
+    assert "without labels" not in html and "worst agreement first" in html
