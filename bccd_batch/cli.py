@@ -271,7 +271,7 @@ def run(
     n = result.info["images"]
     typer.echo(f"report: {report}", err=True)
     typer.echo(f"{result.info['status']}: {n['new']} new, {n['skipped']} unchanged, {n['failed']} failed "
-               f"({result.info['images_per_s']} images/s) -> {result.run_dir}", err=True)
+               f"({result.info['images_per_s']} inferred/s) -> {result.run_dir}", err=True)
     typer.echo(str(result.run_dir))
     raise typer.Exit(code)
 

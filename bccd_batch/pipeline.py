@@ -658,17 +658,18 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
     stop = _StopFlag()
     try:
         with stop:
-            prog = Progress(len(files), "images")
+            prog = Progress(len(files), "images", counts=" inferred")
             # closing(): on an error the workers are stopped here, not at GC.
             with contextlib.closing(inference.groups(files, known, out / WORK_LIST,
                                                      lambda: stop.signum is not None)) as groups:
                 for group in groups:
                     t = time.monotonic()
-                    n_inferred += _store_group(store, run_id, root, model_sha, group)
+                    inferred = _store_group(store, run_id, root, model_sha, group)
+                    n_inferred += inferred
                     store_seconds += time.monotonic() - t
                     # Discovery, then the first batch read, decoded and inferred (engines are warm by now).
                     first_group_seconds = first_group_seconds or time.monotonic() - t0
-                    prog.update(len(group))
+                    prog.update(len(group), counted=inferred)
             prog.close()
         status = "interrupted" if stop.signum is not None else "finished" if files else "no_images"
     finally:

@@ -46,6 +46,8 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     info2 = json.loads((out / "latest" / "run.json").read_text())
     assert info2["images"] == {"discovered": 6, "new": 0, "skipped": 5, "failed": 1}
     assert "0 new" in again.stderr
+    # Progress and the final line give one rate, of fields inferred: none on a rerun.
+    assert "images: 6/6 0.0 inferred/s" in again.stderr and "(0.0 inferred/s)" in again.stderr
     assert read_csv(out / "latest" / "counts.csv") == counts
 
     os.utime(slides / "slide-A" / sorted(os.listdir(slides / "slide-A"))[0])  # touched, same content
