@@ -187,11 +187,14 @@ def render_run(out: Path, run_name: str) -> Path:
 
 
 def _trend(runs: list[dict], key: str, label: str) -> dict:
-    """An SVG polyline (600x120 canvas) of one number across runs, oldest left."""
-    values = [r[key] or 0.0 for r in runs]
-    peak = max(values + [1e-9])
-    points = " ".join(f"{20 + 560 * i / max(1, len(values) - 1):.1f},{110 - 100 * v / peak:.1f}" for i, v in enumerate(values))
-    return {"label": label, "peak": peak, "points": points}
+    """One number across runs on a 600x120 SVG canvas, oldest left: a dot per run that has it (None:
+    left out, e.g. the throughput of a run with nothing new), joined by a line where there are two or
+    more; the top 30 px hold the label, which the line never reaches."""
+    xs = [300.0] if len(runs) == 1 else [20 + 560 * i / max(1, len(runs) - 1) for i in range(len(runs))]
+    kept = [(x, r[key]) for x, r in zip(xs, runs) if r[key] is not None]
+    peak = max([v for _, v in kept] + [1e-9])
+    dots = [(round(x, 1), round(110 - 75 * v / peak, 1)) for x, v in kept]
+    return {"label": label, "peak": peak, "dots": dots, "points": " ".join(f"{x},{y}" for x, y in dots)}
 
 
 def render_index(out: Path) -> Path:
@@ -215,11 +218,12 @@ def render_index(out: Path) -> Path:
                          "AP": metrics["coco"]["stats"]["AP"] if metrics else None})
     finally:
         store.close()
+    for r in runs:
+        r["fields"] = r["covered"] - r["images"]["failed"]      # as the run's report counts them: readable fields
+        r["cells_per_field"] = sum(r["totals"].values()) / r["fields"] if r["fields"] > 0 and r["totals"] else None
+        r["inferred_per_s"] = r["images_per_s"] if r["images"]["new"] else None
     trend = list(reversed(runs))
-    for r in trend:
-        fields = r["covered"] - r["images"]["failed"]
-        r["cells_per_field"] = sum(r["totals"].values()) / fields if fields > 0 and r["totals"] else 0.0
-    charts = [_trend(trend, "images_per_s", "images/s"), _trend(trend, "cells_per_field", "cells per field")]
+    charts = [_trend(trend, "inferred_per_s", "images/s (runs with new fields)"), _trend(trend, "cells_per_field", "cells per field")]
     html = _env().get_template("index.html").render(title="bccd-batch runs", runs=runs, charts=charts,
                                                    version=__version__)
     path = out / "index.html"

@@ -117,6 +117,7 @@ def test_a_night_without_any_image_file_exits_66_and_says_so(tmp_path):
     assert info["status"] == "no_images" and info["images"]["discovered"] == 0
     index = (out / "index.html").read_text()
     assert 'class="l alert" title="no image file under the slides folder' in index and ">no_images<" in index
+    assert index.count("no run to plot yet") == 2        # nothing inferred, no fields: neither trend has a point
 
 
 def test_devices_are_parsed_once_to_what_each_worker_runs_on(monkeypatch):

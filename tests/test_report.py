@@ -229,3 +229,14 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     assert 'id="slide-metrics"' in html and f"<td>{metrics['per_slide']['slide-2']['AP']:.3f}</td>" in html
     # Every field is labelled: the gallery says nothing about ordering fields without labels.
     assert "without labels" not in html and "worst agreement first" in html
+
+
+def test_index_trends_plot_each_run_that_has_the_number_below_their_label():
+    from bccd_batch.report import _trend
+
+    one = _trend([{"x": 4.0}], "x", "images/s")
+    assert one["dots"] == [(300.0, 35.0)] and one["peak"] == 4.0      # a single run is a dot, not an empty box
+    three = _trend([{"x": 2.0}, {"x": None}, {"x": 4.0}], "x", "images/s")
+    assert [d[0] for d in three["dots"]] == [20.0, 580.0]                # the run without the number is left out
+    assert three["points"] == "20.0,72.5 580.0,35.0" and all(y >= 30 for _, y in three["dots"])
+    assert _trend([{"x": None}], "x", "images/s")["dots"] == []
