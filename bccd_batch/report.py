@@ -163,11 +163,11 @@ def build_context(store: Store, run) -> dict:
 
 
 def _pr_paths(metrics: dict) -> dict[str, str]:
-    """SVG polyline points of precision vs recall at IoU 0.5 on a 200x200 canvas."""
+    """SVG polyline points of precision vs recall at IoU 0.5: both 0-1 over 180 px, origin at (40, 200)."""
     out = {}
     for cls, m in metrics["coco"]["per_class"].items():
         pts = [(i / 100, p) for i, p in enumerate(m.get("pr50", [])) if p >= 0]
-        out[cls] = " ".join(f"{20 + 180 * r:.1f},{190 - 180 * p:.1f}" for r, p in pts)
+        out[cls] = " ".join(f"{40 + 180 * r:.1f},{200 - 180 * p:.1f}" for r, p in pts)
     return out
 
 

@@ -227,6 +227,9 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     html = (out / "latest" / "report.html").read_text()
     assert 'id="intervals"' in html and f"AP {ci['AP'][0]:.3f}–{ci['AP'][1]:.3f}" in html
     assert 'id="slide-metrics"' in html and f"<td>{metrics['per_slide']['slide-2']['AP']:.3f}</td>" in html
+    # The precision-recall chart has its axes' values and a legend with each class's AP50.
+    assert '<text x="220" y="216" text-anchor="middle">1</text>' in html and '>precision</text>' in html
+    assert f">RBC {metrics['coco']['per_class']['RBC']['AP50']:.3f}</text>" in html
     # Every field is labelled: the gallery says nothing about ordering fields without labels.
     assert "without labels" not in html and "worst agreement first" in html
 
