@@ -230,6 +230,7 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     # The precision-recall chart has its axes' values and a legend with each class's AP50.
     assert '<text x="220" y="216" text-anchor="middle">1</text>' in html and '>precision</text>' in html
     assert f">RBC {metrics['coco']['per_class']['RBC']['AP50']:.3f}</text>" in html
+    assert "WBC per 1000 RBC*" in html and "taken without regard to WBCs" in html    # the ratio's caveat
     # Every field is labelled: the gallery says nothing about ordering fields without labels.
     assert "without labels" not in html and "worst agreement first" in html
 
