@@ -232,7 +232,12 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     assert f">RBC {metrics['coco']['per_class']['RBC']['AP50']:.3f}</text>" in html
     assert "WBC per 1000 RBC*" in html and "taken without regard to WBCs" in html    # the ratio's caveat
     # Every field is labelled: the gallery says nothing about ordering fields without labels.
-    assert "without labels" not in html and "worst agreement first" in html
+    assert "without labels" not in html and "most disagreement first" in html
+    # ...ordered by it: a missed or misclassified labelled cell weighs four unmatched detections.
+    per_image = metrics["matching"]["per_image"]
+    cards = re.findall(r'<div class="card" id="card-img\d+">\s*<div class="name">([^<]+)</div>', html)
+    disagreement = [per_image[c]["FN"] + per_image[c]["FP"] / 4 for c in cards]
+    assert sorted(cards) == sorted(per_image) and disagreement == sorted(disagreement, reverse=True)
 
 
 def test_index_trends_plot_each_run_that_has_the_number_below_their_label():
