@@ -231,6 +231,11 @@ def run(
                              help="Workers sharing a GPU run under CUDA MPS (an operator's daemon, else one started for the run)."),
     gpu_decode: bool = typer.Option(True, envvar="BCCD_BATCH_GPU_DECODE",
                                     help="Engines on a GPU get plain JPEGs decoded there by nvJPEG, in batches; other files on the CPU."),
+    platelet_factor: Optional[float] = typer.Option(None, envvar="BCCD_BATCH_PLATELET_FACTOR",
+                                                    help="The lab's calibration: platelet estimate per mean platelet per field "
+                                                         "(docs/report.md; no default: calibrate against your analyser)."),
+    wbc_factor: Optional[float] = typer.Option(None, envvar="BCCD_BATCH_WBC_FACTOR",
+                                               help="As --platelet-factor, for the WBC estimate (only for fields not chosen around WBCs)."),
     keep_runs: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_KEEP_RUNS",
                                             help="Once a run finishes, delete the folders of all but the newest N runs "
                                                  "(the store and index.html keep their counts); default: keep all."),
@@ -251,10 +256,14 @@ def run(
         raise _fail(f"slides folder not found: {slides}")
     if labels is not None and not labels.exists():
         raise _fail(f"labels path not found: {labels}")
+    for name, factor in (("--platelet-factor", platelet_factor), ("--wbc-factor", wbc_factor)):
+        if factor is not None and not factor > 0:
+            raise _fail(f"{name} must be a positive number, not {factor}")
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers,
                       workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode,
-                      keep_runs=keep_runs)
+                      keep_runs=keep_runs,
+                      estimate_factors={c: f for c, f in (("Platelets", platelet_factor), ("WBC", wbc_factor)) if f})
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))
     except LockedError as e:

@@ -15,7 +15,11 @@ from .store import STORE_NAME, unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
 COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, "focus", "brightness", "flags"]
-SLIDE_COLUMNS = ["slide", "fields", "unreadable", *CLASSES, *(f"{c}_per_field" for c in CLASSES), "WBC_per_1000_RBC"]
+# Estimates of a lab's blood counts: mean cells per field times the lab's own calibration factor
+# (`run --platelet-factor/--wbc-factor`); blank where the lab has configured none.
+ESTIMATED = ("Platelets", "WBC")
+SLIDE_COLUMNS = ["slide", "fields", "unreadable", *CLASSES, *(f"{c}_per_field" for c in CLASSES), "WBC_per_1000_RBC",
+                 *(f"{c}_estimate" for c in ESTIMATED)]
 ERROR_COLUMNS = ["image", "reason"]
 
 
@@ -46,10 +50,11 @@ def _blank_none(v):
     return "" if v is None else v
 
 
-def gather(store, run_id: int, root: str, count_threshold: Threshold) -> dict:
+def gather(store, run_id: int, root: str, count_threshold: Threshold, factors: dict | None = None) -> dict:
     """Everything the run's files and report show, read once from the store. The store keeps each
     image's latest result, so for an earlier run, the fields a later run processed again show that
-    run's result (`later`); the earlier run's own CSVs keep what it found."""
+    run's result (`later`); the earlier run's own CSVs keep what it found. `factors`: class ->
+    the lab's calibration factor, for the per-slide estimates of the classes in ESTIMATED."""
     images = store.run_images(run_id, root)
     dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
     counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
@@ -67,6 +72,9 @@ def gather(store, run_id: int, root: str, count_threshold: Threshold) -> dict:
         for c in CLASSES:
             s[f"{c}_per_field"] = round(s[c] / s["fields"], 2) if s["fields"] else 0.0
         s["WBC_per_1000_RBC"] = round(1000 * s["WBC"] / s["RBC"], 2) if s["RBC"] else None
+        for c in ESTIMATED:
+            f = (factors or {}).get(c)
+            s[f"{c}_estimate"] = round(s[f"{c}_per_field"] * f, 1) if f and s["fields"] else None
     totals = {c: sum(s[c] for s in slides.values()) for c in CLASSES}
     return {"images": images, "detections": dets, "counts": counts, "flags": flags, "slides": slides, "totals": totals,
             "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"],

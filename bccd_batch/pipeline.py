@@ -74,6 +74,7 @@ class RunOptions:
     mps: bool = True                            # workers sharing a GPU under CUDA MPS (mps.py)
     gpu_decode: bool = True                     # plain JPEGs decoded by nvJPEG where the engine is on a GPU
     keep_runs: int | None = None                # once a run finishes, the folders of only the newest N runs are kept
+    estimate_factors: dict = dataclasses.field(default_factory=dict)   # class -> the lab's factor (outputs.ESTIMATED)
 
 
 @dataclasses.dataclass
@@ -693,10 +694,10 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
                         "discover_seconds": round(discover_seconds, 3), "first_group_seconds": round(first_group_seconds, 3),
                         **{k: round(v, 3) for k, v in timings.items()}},
-            "worker_memory": inference.memory,
+            "worker_memory": inference.memory, "estimate_factors": opts.estimate_factors,
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,
         }
-        data = gather(store, run_id, root, thresholds["count"])
+        data = gather(store, run_id, root, thresholds["count"], opts.estimate_factors)
         info["totals"] = data["totals"]
         if opts.keep_runs and status == "finished":
             # Under the lock, before this run's files: its run.json names what went. Only a

@@ -106,7 +106,7 @@ def build_context(store: Store, run) -> dict:
     run_name = run["name"]
     info = json.loads(run["info"])
     thr = info["model"]["thresholds"]
-    data = gather(store, run["id"], run["slides_root"], thr["count"])
+    data = gather(store, run["id"], run["slides_root"], thr["count"], info.get("estimate_factors"))
     metrics = store.metrics(run["id"])
     per_image = (metrics or {}).get("matching", {}).get("per_image", {})
     gt = (metrics or {}).get("ground_truth", {})

@@ -90,6 +90,8 @@ def test_usage_errors_exit_2(tmp_path, slides):
     p = cli("run", slides, "--out", tmp_path / "o", "--precision", "fp8")
     assert p.returncode == 2 and "unknown precision 'fp8'" in p.stderr and "Traceback" not in p.stderr
     assert cli("run", slides, "--out", tmp_path / "o", "--labels", tmp_path / "nope").returncode == 2
+    p = cli("run", slides, "--out", tmp_path / "o", "--wbc-factor", "0")
+    assert p.returncode == 2 and "--wbc-factor must be a positive number" in p.stderr
     # Raised inside the worker process, reported by the parent as the same one-line usage error.
     p = cli("run", slides, "--out", tmp_path / "o", "--engine", "compiled", "--device", "cpu")
     assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr

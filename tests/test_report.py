@@ -118,11 +118,18 @@ def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, 
 
     Image.new("RGB", (640, 480), (236, 230, 240)).save(slides / "slide-B" / "blank.jpg")
     out = tmp_path / "out"
-    cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
+    cli("run", slides, "--out", out, "--device", "cpu", check_rc=0, env={"BCCD_BATCH_PLATELET_FACTOR": "15000"})
     run = out / "latest"
     with open(run / "counts.csv", newline="") as f:
         counts = {r["image"]: r for r in csv.DictReader(f)}
     assert counts["slide-B/blank.jpg"]["RBC"] == "0"
+    # The lab configured a platelet factor only: a platelet estimate per slide, no WBC estimate.
+    with open(run / "slides.csv", newline="") as f:
+        per_slide = list(csv.DictReader(f))
+    for s in per_slide:
+        assert float(s["Platelets_estimate"]) == round(float(s["Platelets_per_field"]) * 15000, 1) and s["WBC_estimate"] == ""
+    report = (run / "report.html").read_text()
+    assert ">Platelets estimate</th>" in report and "WBC estimate" not in report and "Platelets × 15000.0" in report
     # A blank field has no edges at all and is brighter than any BCCD field; the others pass.
     assert counts["slide-B/blank.jpg"]["flags"] == "blurred;too bright;few cells"
     assert {r["flags"] for rel, r in counts.items() if rel != "slide-B/blank.jpg"} == {""}
@@ -231,6 +238,7 @@ def test_metrics_equal_direct_pycocotools_on_detections_csv(tmp_path, bccd):
     assert '<text x="220" y="216" text-anchor="middle">1</text>' in html and '>precision</text>' in html
     assert f">RBC {metrics['coco']['per_class']['RBC']['AP50']:.3f}</text>" in html
     assert "WBC per 1000 RBC*" in html and "taken without regard to WBCs" in html    # the ratio's caveat
+    assert "estimate" not in html.split('id="slides-table"')[1].split("</table>")[0]    # no factors configured, no estimates
     # Every field is labelled: the gallery says nothing about ordering fields without labels.
     assert "without labels" not in html and "most disagreement first" in html
     # ...ordered by it: a missed or misclassified labelled cell weighs four unmatched detections.
