@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 import shutil
 
@@ -10,7 +11,10 @@ import pytest
 
 from conftest import MODEL, bccd_image, cli
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Debian's /usr/bin/chromium is a shell launcher whose /etc/chromium.d/dev-shm snippet prints
+# "[: ...: unexpected operator" where findmnt reports /dev/shm twice: start the browser binary itself.
+CHROMIUM = next((c for c in ("/usr/lib/chromium/chromium",) if os.access(c, os.X_OK)), None) \
+    or shutil.which("chromium") or shutil.which("chromium-browser")
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.jpg"
 HOSTILE_SLIDE = "<script>alert(2)</script>"
 
@@ -67,7 +71,7 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
         slides_csv = {r["slide"]: r for r in csv.DictReader(f)}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         problems, requests = [], []
