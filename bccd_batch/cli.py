@@ -12,7 +12,7 @@ import typer
 
 from . import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Count RBC, WBC and platelets in folders of blood-smear images, score and report.")
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bccd"
@@ -46,7 +46,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     pass
 
 
-@app.command(rich_help_panel="Model")
+@app.command()
 def train(
     data: list[Path] = typer.Option([DEFAULT_DATA], envvar="BCCD_DATA",
                                     help="A labelled dataset (VOC root, YOLO folder or data.yaml, CSV, COCO JSON; images of "
@@ -116,7 +116,7 @@ def train(
         export_weights([out / "best.pt"], export, data=", ".join(map(str, data)), train_split=train_split, val_split=val_split)
 
 
-@app.command("complete-labels", rich_help_panel="Model")
+@app.command("complete-labels")
 def complete_labels_cmd(
     data: Path = typer.Argument(..., metavar="DATA", help="Dataset whose labels leave cells out (VOC root, YOLO folder, CSV or COCO JSON)."),
     reference: Path = typer.Option(..., help="Complete labels of some of DATA's fields (matched by pixels), to choose the teacher's thresholds on."),
@@ -138,7 +138,7 @@ def complete_labels_cmd(
     typer.echo(json.dumps(chosen, indent=1))
 
 
-@app.command("export-weights", rich_help_panel="Model")
+@app.command("export-weights")
 def export_weights(
     checkpoints: list[Path] = typer.Argument(..., metavar="CHECKPOINTS", help="best.pt or last.pt from `bccd-batch train`, or model folders; several are averaged (a uniform model soup)."),
     out: Path = typer.Option(Path("engines"), help="Folder for model.safetensors and model.json."),
@@ -208,7 +208,7 @@ def export_weights(
     typer.echo(f"wrote {out / card['weights']['file']} (sha256 {card['weights']['sha256'][:16]}…) and {out / 'model.json'}")
 
 
-@app.command(rich_help_panel="Nightly")
+@app.command()
 def run(
     slides: Path = typer.Argument(..., metavar="SLIDES", help="Folder of slides: each first-level subfolder is one slide."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT", help="Results root kept across nights."),
@@ -311,7 +311,7 @@ def _render(out: Path, run_name: str) -> Path:
     return path
 
 
-@app.command(rich_help_panel="Nightly")
+@app.command()
 def report(
     run_name: str = typer.Argument("latest", metavar="RUN", help="Run folder name under OUT/runs, or 'latest'."),
     out: Path = typer.Option(Path("results"), "--out", "-o", envvar="BCCD_BATCH_OUT"),
@@ -326,7 +326,7 @@ def report(
         raise _fail(str(e))
 
 
-@app.command(rich_help_panel="Nightly")
+@app.command()
 def score(
     run_name: str = typer.Argument("latest", metavar="RUN", help="Run folder name under OUT/runs, or 'latest'."),
     labels: Path = typer.Option(..., help="VOC, YOLO folder or data.yaml, CSV or COCO JSON."),
@@ -346,7 +346,7 @@ def score(
         raise _fail(str(e))
 
 
-@app.command(rich_help_panel="Information")
+@app.command()
 def info(model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL")) -> None:
     """Versions, devices, which engines can run here and why not, and the default model card."""
     import platform
@@ -381,7 +381,7 @@ def info(model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL")) 
     typer.echo("\n".join(lines))
 
 
-@app.command("build-engine", rich_help_panel="Model")
+@app.command("build-engine")
 def build_engine(
     backend: str = typer.Option("tensorrt", help="tensorrt or compiled."),
     precision: str = typer.Option("fp16", help="fp16 or fp32."),
@@ -413,7 +413,7 @@ def build_engine(
         raise _fail(str(e))
 
 
-@app.command(rich_help_panel="Model")
+@app.command()
 def bench(
     images: int = typer.Option(10_000, min=1, help="Copies of BCCD images (distinct names) to run end to end."),
     data: Path = typer.Option(DEFAULT_DATA, envvar="BCCD_DATA"),

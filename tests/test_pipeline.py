@@ -83,7 +83,10 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
 
 @pytest.mark.slow
 def test_usage_errors_exit_2(tmp_path, slides):
-    assert " run [OPTIONS] {SLIDES}" in cli("run", "--help").stdout    # the argument as the docs name it
+    helped = cli("run", "--help", env={"COLUMNS": "80"}).stdout
+    assert " run [OPTIONS] {SLIDES}" in helped          # the argument as the docs name it
+    # Readable in an 80-column terminal: no line wider, every env var name whole.
+    assert max(map(len, helped.splitlines())) <= 80 and "BCCD_BATCH_WORKERS_PER_DEVICE" in helped
     assert cli("run", tmp_path / "missing", "--out", tmp_path / "o").returncode == 2
     p = cli("run", slides, "--out", tmp_path / "o", "--engine", "warp-drive")
     assert p.returncode == 2 and "unknown engine" in p.stderr and "Traceback" not in p.stderr
