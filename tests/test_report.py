@@ -105,6 +105,16 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
         page.click("#slides-table th:nth-child(2)")   # sorting must not lose rows
         assert len(page.query_selector_all("#slides-table tbody tr")) == len(rows)
 
+        # The header's cells (a long slides path among them) never overlap, from a laptop to a wide screen.
+        boxes = "() => [...document.querySelectorAll('#summary > div')].map(d => { const r = d.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })"
+        for width in (1000, 1400, 1600):
+            page.set_viewport_size({"width": width, "height": 900})
+            cells = page.evaluate(boxes)
+            assert len(cells) >= 8
+            for i, a in enumerate(cells):
+                for b in cells[i + 1:]:
+                    assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (width, a, b)
+
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
