@@ -651,7 +651,7 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: _WorkerPoo
     run_dir = _new_run_dir(out, started)
     run_id = store.begin_run(run_dir.name, started.isoformat(timespec="seconds"), root)
     known = {r["rel"]: (r["size"], r["mtime_ns"], r["sha256"], r["status"], r["error"], r["model_sha256"])
-             for r in store.db.execute("SELECT * FROM images WHERE root=?", (root,))}
+             for r in store.images_under(root)}
     log(f"{len(files)} images under {opts.slides} -> {run_dir}")
     if not files:
         log(f"no image files under {opts.slides}: nothing to process (an empty folder, or a share that is not mounted?)")

@@ -209,7 +209,7 @@ def render_index(out: Path) -> Path:
         runs = []
         for r in store.runs():
             info = json.loads(r["info"])
-            rows = store.db.execute("SELECT COUNT(*) FROM run_images WHERE run_id=?", (r["id"],)).fetchone()[0]
+            rows = store.covered(r["id"])
             metrics = store.metrics(r["id"])
             folder = out / "runs" / r["name"]
             runs.append({"name": r["name"], "status": r["status"], "started": r["started_utc"],

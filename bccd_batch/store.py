@@ -188,6 +188,10 @@ class Store:
     def image(self, root: str, rel: str) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM images WHERE root=? AND rel=?", (root, rel)).fetchone()
 
+    def images_under(self, root: str) -> list[sqlite3.Row]:
+        """Every image known under a slides root: what a run compares the files it finds against."""
+        return self.db.execute("SELECT * FROM images WHERE root=?", (root,)).fetchall()
+
     def record_images(self, run_id: int, root: str, images: list[dict]) -> None:
         """Replace everything known about each image and mark it new (failed when it has an
         `error`); call inside a transaction. Keys: rel, slide, size, mtime_ns, sha256, and either
@@ -210,6 +214,10 @@ class Store:
         """(rel, outcome) for each image this run covered."""
         self.db.executemany("INSERT OR REPLACE INTO run_images (run_id, rel, outcome) VALUES (?,?,?)",
                             [(run_id, rel, outcome) for rel, outcome in outcomes])
+
+    def covered(self, run_id: int) -> int:
+        """How many images a run covered (processed, skipped or failed)."""
+        return self.db.execute("SELECT COUNT(*) FROM run_images WHERE run_id=?", (run_id,)).fetchone()[0]
 
     def outcomes(self, run_id: int) -> dict[str, int]:
         rows = self.db.execute("SELECT outcome, COUNT(*) AS n FROM run_images WHERE run_id=? GROUP BY outcome", (run_id,))
