@@ -37,7 +37,7 @@ def choose_thresholds(candidates: dict[str, list[tuple]], own: dict[str, list[tu
     gt = {k: {"boxes": reference[k]} for k in keys}
     sure = {k: [(b[0], 1.0, *b[1:]) for b in own[k]] for k in keys}
     chosen = choose_count_threshold(gt, {k: sure[k] + candidates[k] for k in keys})
-    (own_only,) = evaluate_all([CountEvaluator(1.0)], gt, sure)
+    own_only = evaluate_all({"counting": CountEvaluator(1.0)}, gt, sure)["counting"]
     return {"thresholds": chosen["count"], "fields": len(keys),
             "MAE_own_labels": {c: round(v["MAE"], 3) for c, v in own_only["per_class"].items()},
             "MAE_completed": {c: round(v, 3) for c, v in chosen["MAE"].items()},

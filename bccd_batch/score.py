@@ -1,5 +1,6 @@
 """Score predictions against labels. Every evaluator follows one small interface:
-`reset()`, `process(key, gt_record, predictions)` once per labelled image, `evaluate() -> dict`.
+`reset()`, `process(key, gt_record, predictions)` once per labelled image, `evaluate() -> dict`;
+`evaluate_all` runs named ones together and merges their results by name.
 
 A prediction is `(cls, score, x0, y0, x1, y1)` in pixels; a ground-truth record is a `labels` record.
 """
@@ -164,12 +165,12 @@ def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
     MAE over the labelled fields; the lowest threshold on a tie): a class's count depends on its
     own threshold alone. How a model card's count thresholds are chosen, on training fields with
     complete labels, so they are not tuned by eye or to the fields they are reported on."""
-    results = evaluate_all([CountEvaluator(t) for t in thresholds], gt, preds)
-    mae = {c: [r["per_class"][c]["MAE"] for r in results] for c in CLASSES}
+    results = evaluate_all({t: CountEvaluator(t) for t in thresholds}, gt, preds)
+    mae = {c: [results[t]["per_class"][c]["MAE"] for t in thresholds] for c in CLASSES}
     best = {c: int(np.argmin(v)) for c, v in mae.items()}
     return {"count": {c: thresholds[i] for c, i in best.items()}, "images": len(gt),
             "MAE": {c: mae[c][i] for c, i in best.items()},
-            "bias": {c: results[i]["per_class"][c]["mean_signed_error"] for c, i in best.items()},
+            "bias": {c: results[thresholds[i]]["per_class"][c]["mean_signed_error"] for c, i in best.items()},
             "MAE_by_threshold": {c: dict(zip(thresholds, v)) for c, v in mae.items()}}
 
 
@@ -259,23 +260,24 @@ class LabelGapEvaluator:
 
 
 class GroupedEvaluator:
-    """Runs its own evaluators (from `make()`) per group of fields (`group_of`: key -> group, e.g. the
-    slide folder) and gives {group: their results}, so a lab sees how the model does on each slide."""
+    """Runs its own named evaluators (a dict from `make()`) per group of fields (`group_of`: key ->
+    group, e.g. the slide folder) and gives {group: {name: result}}, so a lab sees how the model does
+    on each slide."""
 
     def __init__(self, group_of: dict[str, str], make) -> None:
         self.group_of, self.make = group_of, make
         self.reset()
 
     def reset(self) -> None:
-        self._groups: dict[str, list] = {}
+        self._groups: dict[str, dict] = {}
 
     def process(self, key: str, gt: dict, preds: list[tuple]) -> None:
         evaluators = self._groups.setdefault(self.group_of[key], self.make())
-        for ev in evaluators:
+        for ev in evaluators.values():
             ev.process(key, gt, preds)
 
     def evaluate(self) -> dict:
-        return {g: [ev.evaluate() for ev in evs] for g, evs in sorted(self._groups.items())}
+        return {g: {name: ev.evaluate() for name, ev in evs.items()} for g, evs in sorted(self._groups.items())}
 
 
 def slide_summary(coco: dict, counting: dict) -> dict:
@@ -287,13 +289,15 @@ def slide_summary(coco: dict, counting: dict) -> dict:
                           for c in CLASSES}}
 
 
-def evaluate_all(evaluators: list, gt: dict[str, dict], preds: dict[str, list[tuple]]) -> list[dict]:
-    for ev in evaluators:
+def evaluate_all(evaluators: dict, gt: dict[str, dict], preds: dict[str, list[tuple]]) -> dict[str, dict]:
+    """Each named evaluator over every labelled field (in key order; a field without predictions has
+    none), their results merged by name."""
+    for ev in evaluators.values():
         ev.reset()
     for key in sorted(gt):
-        for ev in evaluators:
+        for ev in evaluators.values():
             ev.process(key, gt[key], preds.get(key, []))
-    return [ev.evaluate() for ev in evaluators]
+    return {name: ev.evaluate() for name, ev in evaluators.items()}
 
 
 def match_labels(labels: LabelSet, image_rels: list[str]) -> dict[str, str]:
@@ -357,10 +361,10 @@ def score_run(out: Path, run_name: str, labels_path: Path, resamples: int) -> di
                 gt[rel] = {**rec, "width": row["width"], "height": row["height"]}
         preds = {rel: data["detections"][rel] for rel in gt}
         slide_of = {r["rel"]: r["slide"] for r in data["images"]}
-        by_slide = GroupedEvaluator(slide_of, lambda: [COCOEvaluator(), CountEvaluator(threshold)])
-        coco, counting, matching, label_gaps, slides = evaluate_all(
-            [COCOEvaluator(resamples), CountEvaluator(threshold), MatchEvaluator(threshold), LabelGapEvaluator(), by_slide],
-            gt, preds)
+        by_slide = GroupedEvaluator(slide_of, lambda: {"coco": COCOEvaluator(), "counting": CountEvaluator(threshold)})
+        results = evaluate_all({"coco": COCOEvaluator(resamples), "counting": CountEvaluator(threshold),
+                                "matching": MatchEvaluator(threshold), "label_gaps": LabelGapEvaluator(),
+                                "per_slide": by_slide}, gt, preds)
         metrics = {
             "run": run_name, "labels": str(labels_path), "n_images_scored": len(gt),
             "unlabelled_images": sorted(set(ok_rels) - set(gt)),
@@ -368,8 +372,8 @@ def score_run(out: Path, run_name: str, labels_path: Path, resamples: int) -> di
             "label_warnings": labels.warnings, "label_counts": labels.counts(),
             # Labelled fields scored on a later run's result (outputs.gather).
             "processed_later": len(set(data["later"]) & set(gt)),
-            "coco": coco, "counting": counting, "matching": matching, "label_gaps": label_gaps,
-            "per_slide": {slide: slide_summary(*results) for slide, results in slides.items()},
+            **{k: results[k] for k in ("coco", "counting", "matching", "label_gaps")},
+            "per_slide": {slide: slide_summary(**r) for slide, r in results["per_slide"].items()},
             # Kept so the report can draw ground truth beside the predictions.
             "ground_truth": {rel: rec["boxes"] for rel, rec in gt.items()},
         }

@@ -140,7 +140,7 @@ def evaluate(model, val_sets: dict[str, DetectionDataset], device) -> dict[str, 
     the best checkpoint is chosen by, so a model must serve every source, not the largest."""
     per_source = {}
     for source, ds in val_sets.items():
-        (per_source[source],) = evaluate_all([COCOEvaluator()], *labelled_predictions(model, ds, device))
+        per_source[source] = evaluate_all({"coco": COCOEvaluator()}, *labelled_predictions(model, ds, device))["coco"]
     names = next(iter(per_source.values()))["stats"]
     # A figure a source has none of (COCO's -1: no small boxes, say) is left out of its mean.
     mean = {k: [c["stats"][k] for c in per_source.values() if c["stats"][k] > -1] for k in names}

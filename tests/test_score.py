@@ -12,7 +12,8 @@ def as_preds(gt, score=0.9):
 
 
 def test_predictions_equal_to_labels_give_ap_one():
-    coco, counts = evaluate_all([COCOEvaluator(), CountEvaluator(0.5)], GT, as_preds(GT))
+    r = evaluate_all({"coco": COCOEvaluator(), "counts": CountEvaluator(0.5)}, GT, as_preds(GT))
+    coco, counts = r["coco"], r["counts"]
     assert coco["stats"]["AP"] == pytest.approx(1.0)
     assert all(v["AP"] == pytest.approx(1.0) for v in coco["per_class"].values())
     assert all(v["MAE"] == 0 for v in counts["per_class"].values())
@@ -22,7 +23,7 @@ def test_shifted_box_iou_decides_the_threshold():
     # Shift the RBC in a.jpg by 25 px: IoU = 75*100 / (2*100*100 - 75*100) = 0.6.
     preds = as_preds(GT)
     preds["a.jpg"][0] = ("RBC", 0.8, 125, 100, 225, 200)   # ranked after the exact RBC in b.jpg
-    coco, = evaluate_all([COCOEvaluator()], GT, preds)
+    coco = evaluate_all({"coco": COCOEvaluator()}, GT, preds)["coco"]
     rbc = coco["per_class"]["RBC"]
     assert rbc["AP50"] == pytest.approx(1.0)
     # IoU thresholds 0.50-0.60 (3 of 10): both RBCs found, AP 1. At 0.65-0.95: recall stops at 0.5
@@ -35,7 +36,8 @@ def test_class_without_ground_truth_is_minus_one_and_count_errors_are_signed():
     preds = as_preds(gt)
     preds["a.jpg"].append(("RBC", 0.3, 0, 0, 50, 50))     # below the count threshold
     preds["b.jpg"].append(("RBC", 0.8, 300, 300, 350, 350))
-    coco, counts = evaluate_all([COCOEvaluator(), CountEvaluator(0.5)], gt, preds)
+    r = evaluate_all({"coco": COCOEvaluator(), "counts": CountEvaluator(0.5)}, gt, preds)
+    coco, counts = r["coco"], r["counts"]
     assert coco["per_class"]["Platelets"]["AP"] == -1.0
     assert counts["per_class"]["RBC"] == {"MAE": 0.5, "mean_signed_error": 0.5}
 
@@ -64,7 +66,7 @@ def test_match_counts_and_confusion():
     preds = as_preds(GT)
     preds["a.jpg"][1] = ("RBC", 0.9, 300, 100, 460, 260)      # the WBC called RBC
     preds["b.jpg"].append(("Platelets", 0.9, 600, 10, 620, 30))  # a false alarm
-    m, = evaluate_all([MatchEvaluator(0.5)], GT, preds)
+    m = evaluate_all({"m": MatchEvaluator(0.5)}, GT, preds)["m"]
     assert m["per_image"]["a.jpg"] == {"TP": 1, "FP": 1, "FN": 1, "F1": 0.5}
     assert m["per_image"]["b.jpg"] == {"TP": 2, "FP": 1, "FN": 0, "F1": 0.8}
     conf = m["confusion"]   # rows GT RBC, WBC, Platelets, background; columns predictions
@@ -78,7 +80,7 @@ def test_label_gaps_name_classes_the_labels_leave_out_of_a_field():
     preds["a.jpg"] += [("Platelets", 0.95, 0, 0, 30, 30), ("Platelets", 0.91, 50, 0, 80, 30),
                        ("Platelets", 0.5, 90, 0, 120, 30)]   # below the gap score: not counted
     preds["b.jpg"].append(("RBC", 0.99, 300, 300, 400, 400))   # b.jpg has RBC labels: an FP, not a gap
-    gaps, = evaluate_all([LabelGapEvaluator(0.9)], GT, preds)
+    gaps = evaluate_all({"gaps": LabelGapEvaluator(0.9)}, GT, preds)["gaps"]
     assert gaps["fields"] == {"a.jpg": {"Platelets": 2}}
     assert gaps["per_class"] == {"RBC": 0, "WBC": 0, "Platelets": 1}
 
@@ -106,7 +108,7 @@ def test_field_intervals_equal_scoring_each_resample_afresh():
     import numpy as np
 
     gt, preds = _varied_fields(12)
-    (coco,) = evaluate_all([COCOEvaluator(resamples=40)], gt, preds)
+    coco = evaluate_all({"coco": COCOEvaluator(resamples=40)}, gt, preds)["coco"]
     keys, rng, draws = sorted(gt), np.random.default_rng(0), {}
     for _ in range(40):
         ev = COCOEvaluator()
@@ -132,6 +134,6 @@ def test_field_intervals_collapse_when_every_field_is_alike():
     gt, preds = _varied_fields(1)
     (field,), (dets,) = gt.values(), preds.values()
     gt = {f"c{i}.jpg": field for i in range(8)}
-    (coco,) = evaluate_all([COCOEvaluator(resamples=20)], gt, {k: dets for k in gt})
+    coco = evaluate_all({"coco": COCOEvaluator(resamples=20)}, gt, {k: dets for k in gt})["coco"]
     assert coco["intervals"]["AP"] == [round(coco["stats"]["AP"], 4)] * 2
     assert coco["intervals"]["AP50"] == [round(coco["stats"]["AP50"], 4)] * 2
