@@ -54,6 +54,8 @@ def train(
     train_split: str = typer.Option("train", help="Each dataset's split list of this name, or a file of image names."),
     val_split: str = typer.Option("val", help="As --train-split, for the val fields; a dataset without it gives --val-fraction."),
     val_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Seeded share of val fields of a dataset without a val split list."),
+    pseudo_labels: str = typer.Option("labels", help="A complete-labels dataset's teacher boxes (its pseudo.csv): 'labels' "
+                                                     "trains on them as cells, 'ignore' as regions neither cell nor background."),
     out: Path = typer.Option(Path("train-out"), help="Checkpoints, history.json and TensorBoard events."),
     epochs: int = typer.Option(200, min=1),
     batch_size: int = typer.Option(16, min=1),
@@ -67,6 +69,7 @@ def train(
     backbone: str = typer.Option("resnet34", help="resnet18, resnet34 or resnet50."),
     mosaic: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of a 2x2 mosaic of four training fields per sample."),
     copy_paste: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of pasting platelets from other fields into a training sample."),
+    stain_jitter: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of scaling each colour's optical density (another lab's staining) per sample."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
@@ -82,7 +85,7 @@ def train(
     the first dataset's training fields by per-image count error."""
     import torch
 
-    from .datasets import load_training_data
+    from .datasets import PSEUDO_USES, load_training_data
     from .labels import LabelError
     from .model import BACKBONES, ModelConfig
     from .train import TrainConfig, train as run_training
@@ -96,16 +99,18 @@ def train(
         raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {cascade!r}")
     if backbone not in BACKBONES:
         raise _fail(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
+    if pseudo_labels not in PSEUDO_USES:
+        raise _fail(f"--pseudo-labels must be one of {', '.join(PSEUDO_USES)}, not {pseudo_labels!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        training_data = load_training_data(data, train_split, val_split, val_fraction, seed, log=log)
+        training_data = load_training_data(data, train_split, val_split, val_fraction, seed, pseudo_labels, log=log)
     except LabelError as e:
         raise _fail(str(e))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
-                      copy_paste=copy_paste, channels_last=channels_last)
+                      copy_paste=copy_paste, stain=stain_jitter, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
                                            cascade_ious=cascade_ious)
     typer.echo(f"training on {len(training_data.train)} fields ({device}), validating on "

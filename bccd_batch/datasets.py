@@ -5,7 +5,9 @@ metrics. No torch here: `train` wraps the fields in a torch Dataset.
 A dataset is any path `labels.read_labels` takes (VOC root, YOLO folder or data.yaml, CSV, COCO
 JSON). Its val fields are its own split list where it ships one, else a seeded fraction of its fields.
 A dataset may carry `sources.csv` (`file,source,...`) naming where each field comes from (TXL-PBC's
-BCCD and PBC fields); its metrics are then reported per source.
+BCCD and PBC fields); its metrics are then reported per source. One written by `complete-labels`
+carries `pseudo.csv`, the teacher's boxes among its labels: trained on as labels, or kept apart as
+ignore regions (`record["ignore"]`), which training counts neither as cells nor as background.
 """
 
 from __future__ import annotations
@@ -83,16 +85,44 @@ def read_sources(path: Path) -> dict[str, str]:
         return {row["file"]: row["source"] for row in csv.DictReader(fh) if row.get("file") and row.get("source")}
 
 
+PSEUDO_USES = ("labels", "ignore")
+
+
+def read_pseudo(path: Path) -> dict[str, list[tuple]]:
+    """file -> [(class, x0, y0, x1, y1)] of a dataset's pseudo.csv (complete-labels' teacher boxes)."""
+    f = Path(path) / "pseudo.csv" if Path(path).is_dir() else Path(path).parent / "pseudo.csv"
+    if not f.is_file():
+        return {}
+    out: dict[str, list[tuple]] = {}
+    with open(f, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            out.setdefault(row["file"], []).append((row["class"], *(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))))
+    return out
+
+
+def without_pseudo(record: dict, pseudo: list[tuple], tol: float = 0.05) -> dict:
+    """The record with the teacher's boxes moved from its labels to `ignore` (corners only): a label
+    is the teacher's where pseudo.csv has its class and corners to `tol` pixels (the YOLO file keeps
+    six decimals of the field's size)."""
+    def is_pseudo(b):
+        return any(b[0] == p[0] and max(abs(x - y) for x, y in zip(b[1:], p[1:])) <= tol for p in pseudo)
+    own = [b for b in record["boxes"] if not is_pseudo(b)]
+    return {**record, "boxes": own, "ignore": [tuple(p[1:]) for p in pseudo]}
+
+
 def pixel_hash(pixels: np.ndarray) -> str:
     """The decoded pixels' identity: the same field saved as another file (or format) hashes alike."""
     return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).hexdigest()
 
 
 def load_training_data(paths: list[Path], train_split: str = "train", val_split: str = "val",
-                       val_fraction: float = 0.2, seed: int = 0, log=print) -> TrainingData:
+                       val_fraction: float = 0.2, seed: int = 0, pseudo: str = "labels", log=print) -> TrainingData:
     """Read, decode and split every dataset in `paths`. Where two datasets label the same pixels,
     the one given first wins (give the most complete labels first) and the field appears once; a
-    field that is val in any of them is val, so no val field is ever trained on."""
+    field that is val in any of them is val, so no val field is ever trained on. `pseudo`: what a
+    dataset's teacher boxes (pseudo.csv) are, one of PSEUDO_USES."""
+    if pseudo not in PSEUDO_USES:
+        raise ValueError(f"pseudo must be one of {PSEUDO_USES}, not {pseudo!r}")
     warnings: list[str] = []
     summary: dict[str, dict] = {}
     by_hash: dict[str, tuple[Field, bool]] = {}
@@ -106,8 +136,10 @@ def load_training_data(paths: list[Path], train_split: str = "train", val_split:
         root = image_root(path, labels)
         train_keys, val_keys, how = split_keys(labels, train_split, val_split, val_fraction, seed)
         origin = read_sources(path)
+        teacher = read_pseudo(path) if pseudo == "ignore" else {}
         warnings += [f"{name}: {w}" for w in labels.warnings]
-        stats = {"path": str(path), "split": how, "train": 0, "val": 0, "duplicates_dropped": 0, "unusable": 0}
+        stats = {"path": str(path), "split": how, "train": 0, "val": 0, "duplicates_dropped": 0, "unusable": 0,
+                 **({"ignore_regions": sum(map(len, teacher.values()))} if teacher else {})}
         for key, is_val in [(k, False) for k in train_keys] + [(k, True) for k in val_keys]:
             try:
                 pixels = decode_file(root / key)
@@ -115,7 +147,7 @@ def load_training_data(paths: list[Path], train_split: str = "train", val_split:
                 warnings.append(f"{name}/{key}: image unusable for training ({e}), skipped")
                 stats["unusable"] += 1
                 continue
-            rec = labels.records[key]
+            rec = without_pseudo(labels.records[key], teacher[key]) if key in teacher else labels.records[key]
             h = pixel_hash(pixels)
             if is_val:
                 seen_val.add(h)

@@ -24,9 +24,9 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.boxes import clip_boxes_to_image
+from torchvision.ops.boxes import box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .cells import CLASSES, arrays_to_tuples
@@ -35,6 +35,12 @@ from .nms import select_detections
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+# The training-target label of an ignore region: a cell the field's labels leave out (a teacher's
+# detection, complete.py) that counts neither as an object nor as background (IgnoreRegionsRPN, and
+# torchvision's RoI matching, which gives a proposal the label of the box it overlaps most).
+IGNORE_LABEL = -1
 
 
 class ModelError(Exception):
@@ -163,6 +169,8 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         box_detections_per_img=cfg.detections_per_img,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
+    # FasterRCNN builds its RPN itself; the subclass only changes how training targets are assigned.
+    model.rpn.__class__ = IgnoreRegionsRPN
     if cfg.cascade_ious:
         model.roi_heads = CascadeRoIHeads(model.roi_heads, cfg)
     if cfg.box_class_balanced:
@@ -193,6 +201,23 @@ class Float32RPNHead(RPNHead):
     def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits, deltas = super().forward(x)
         return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class IgnoreRegionsRPN(RegionProposalNetwork):
+    """torchvision's RPN whose training targets may hold ignore regions (label IGNORE_LABEL): they
+    are matched as no object, and an anchor that would be background but overlaps one as much as
+    it would need to be left out next to a labelled cell (IoU >= the background threshold) is left
+    out of the sample. Without ignore regions it is torchvision's RPN."""
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        objects = [{"boxes": t["boxes"][t["labels"] != IGNORE_LABEL]} for t in targets]
+        labels, matched = super().assign_targets_to_anchors(anchors, objects)
+        for lab, a, t in zip(labels, anchors, targets):
+            ignore = t["boxes"][t["labels"] == IGNORE_LABEL]
+            if len(ignore):
+                near = box_iou(a, ignore).amax(1) >= self.proposal_matcher.low_threshold
+                lab[near & (lab == 0)] = -1.0
+        return labels, matched
 
 
 def _box_head(cfg: ModelConfig) -> FastRCNNConvFCHead:

@@ -23,7 +23,7 @@ from . import transforms as T
 from .cells import CLASSES
 from .datasets import Field, TrainingData
 from .progress import Progress
-from .model import ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
+from .model import IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
 
@@ -41,6 +41,7 @@ class TrainConfig:
     amp: bool = True
     mosaic: float = 0.0           # probability that a training sample is a 2x2 mosaic of four fields
     copy_paste: float = 0.0       # probability that platelets from other fields are pasted into a sample
+    stain: float = 0.0            # probability of a stain jitter (transforms.stain_jitter) per sample
     # NHWC on CUDA: bf16 convolutions run on tensor cores without a layout transpose around each.
     channels_last: bool = True
     # Seconds for the whole run: after 3 and again after 20 epochs the epoch count is set to what
@@ -64,13 +65,15 @@ def fitted_epochs(budget: float, elapsed: float, per_epoch: float, done: int, ca
 class DetectionDataset(torch.utils.data.Dataset):
     """Fields decoded once (datasets.load_training_data) held as tensors; augmentation per access."""
 
-    def __init__(self, fields: list[Field], train: bool, mosaic: float = 0.0, copy_paste: float = 0.0):
-        self.train, self.mosaic, self.copy_paste, self.items = train, mosaic, copy_paste, []
+    def __init__(self, fields: list[Field], train: bool, mosaic: float = 0.0, copy_paste: float = 0.0, stain: float = 0.0):
+        self.train, self.mosaic, self.copy_paste, self.stain, self.items = train, mosaic, copy_paste, stain, []
         self.records = {f.key: f.record for f in fields}
         for f in fields:
             img = torch.from_numpy(f.pixels).permute(2, 0, 1).contiguous()
-            boxes = torch.tensor([b[1:] for b in f.record["boxes"]], dtype=torch.float32).reshape(-1, 4)
-            cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in f.record["boxes"]], dtype=torch.int64)
+            # Ignore regions travel with the labels through every augmentation, told apart by their label.
+            ignore = f.record.get("ignore", []) if train else []
+            boxes = torch.tensor([b[1:] for b in f.record["boxes"]] + [list(b) for b in ignore], dtype=torch.float32).reshape(-1, 4)
+            cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in f.record["boxes"]] + [IGNORE_LABEL] * len(ignore), dtype=torch.int64)
             self.items.append((f.key, img, boxes, cls))
         paste = {CLASSES.index("Platelets") + 1}
         self.paste_bank = [c for it in self.items for c in T.cell_crops(*it[1:], paste)] if copy_paste else []
@@ -89,6 +92,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             if self.copy_paste and random.random() < self.copy_paste:   # no draw when off: same stream as before
                 img, boxes, labels = T.paste_cells(img, boxes, labels, self.paste_bank, random)
             img, boxes, labels = T.augment(img, boxes, labels, random)
+            if self.stain and random.random() < self.stain:
+                img = T.stain_jitter(img, random)
         return img, {"boxes": boxes, "labels": labels, "key": key}
 
 
@@ -212,7 +217,7 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         # training 10x slower on an H100 (measured), so leave it off.
         torch.backends.cudnn.benchmark = False
 
-    train_ds = DetectionDataset(data.train, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste)
+    train_ds = DetectionDataset(data.train, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste, stain=cfg.stain)
     val_sets = {source: DetectionDataset(fields, train=False) for source, fields in data.val_sources().items()}
     for w in data.warnings:
         log(f"warning: {w}")

@@ -46,6 +46,17 @@ def colour_jitter(img: torch.Tensor, rng) -> torch.Tensor:
     return img
 
 
+def stain_jitter(img: torch.Tensor, rng, scale: float = 0.3, shift: float = 0.1) -> torch.Tensor:
+    """Another lab's staining, by Beer-Lambert: each channel's optical density (-log of the light
+    let through) scaled by its own factor in 1 ± `scale` (how much stain the cells took up) and
+    shifted by ± `shift` (the illuminant's balance). Unlike RGB brightness or hue jitter this keeps
+    unstained plasma light while the cells' colour changes."""
+    a = torch.tensor([rng.uniform(1 - scale, 1 + scale) for _ in range(3)]).view(3, 1, 1)
+    b = torch.tensor([rng.uniform(-shift, shift) for _ in range(3)]).view(3, 1, 1)
+    od = -torch.log((img.float() + 1) / 256)
+    return (256 * torch.exp(-(od * a + b)) - 1).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def _shifted(boxes: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return boxes + torch.tensor([dx, dy, dx, dy], dtype=boxes.dtype)
 

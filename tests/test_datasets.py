@@ -84,3 +84,18 @@ def test_completion_thresholds_count_own_boxes_plus_the_teachers_closest_to_comp
     chosen = choose_thresholds(candidates, own, reference)
     assert chosen["thresholds"]["RBC"] == 0.35 and chosen["MAE_completed"]["RBC"] == 0.0   # adds 0.7 and 0.6, not 0.3
     assert chosen["MAE_own_labels"]["RBC"] == 2.0 and chosen["bias_own_labels"]["RBC"] == -2.0
+
+
+def test_teacher_boxes_train_as_labels_or_as_ignore_regions(tmp_path):
+    from bccd_batch.complete import write_yolo
+
+    _field(tmp_path / "images" / "a.png", 1, "PNG")
+    own = [("RBC", 1.0, 2.0, 20.0, 21.0), ("WBC", 30.0, 10.0, 60.0, 40.0)]
+    added = [("RBC", 0.4, 40.3, 1.7, 58.9, 19.2)]                       # (class, score, corners): not a label of its own
+    write_yolo(tmp_path / "done", tmp_path / "images", {"a.png": ((64, 48), own, added)})
+    as_labels = load_training_data([tmp_path / "done"], log=lambda m: None).train[0].record
+    assert len(as_labels["boxes"]) == 3 and "ignore" not in as_labels
+    data = load_training_data([tmp_path / "done"], pseudo="ignore", log=lambda m: None)
+    rec = data.train[0].record
+    assert [b[0] for b in rec["boxes"]] == ["RBC", "WBC"] and rec["ignore"] == [(40.3, 1.7, 58.9, 19.2)]
+    assert data.summary["done"]["ignore_regions"] == 1

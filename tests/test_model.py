@@ -155,3 +155,24 @@ def test_cascade_trains_every_head_and_round_trips_through_its_card(tmp_path):
     # The split engines (compiled, ONNX, TensorRT) get one box stage per head, in the order they run.
     stages = box_stages(loaded)
     assert [s.box_head for s in stages] == [loaded.roi_heads.box_head, *(h.box_head for h in loaded.roi_heads.stages)]
+
+
+def test_ignore_regions_are_neither_cells_nor_background():
+    """A teacher's box kept apart from the labels (IGNORE_LABEL): the anchors and RoIs on it are
+    left out of both samples; a labelled cell's are positive, the rest background, as without it."""
+    from bccd_batch.model import IGNORE_LABEL
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cascade_ious=(0.6,))).train()
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [100.0, 100.0, 150.0, 150.0]]),
+                "labels": torch.tensor([1, IGNORE_LABEL])}]
+    on_ignore, on_cell, elsewhere = [101.0, 101.0, 151.0, 151.0], [12.0, 12.0, 60.0, 60.0], [200.0, 10.0, 250.0, 60.0]
+    boxes = [torch.tensor([on_ignore, on_cell, elsewhere])]
+    rpn_labels, _ = model.rpn.assign_targets_to_anchors(boxes, targets)
+    _, roi_labels = model.roi_heads.assign_targets_to_proposals(boxes, [targets[0]["boxes"]], [targets[0]["labels"]])
+    assert rpn_labels[0].tolist() == [-1.0, 1.0, 0.0] and roi_labels[0].tolist() == [-1, 1, 0]
+    # Without ignore regions the RPN is torchvision's: the same box is plain background.
+    cell_only = [{"boxes": targets[0]["boxes"][:1], "labels": targets[0]["labels"][:1]}]
+    assert model.rpn.assign_targets_to_anchors(boxes, cell_only)[0][0].tolist() == [0.0, 1.0, 0.0]
+    losses = model([torch.rand(3, 240, 320)], targets)
+    assert all(torch.isfinite(v) for v in losses.values())

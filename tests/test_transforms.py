@@ -70,3 +70,22 @@ def test_pasted_cells_are_labelled_where_they_land_and_cover_no_labelled_cell():
             # ... and no pasted box lies more than a fifth over the labelled cell.
             overlap = max(0, min(x1, 30) - max(x0, 4)) * max(0, min(y1, 30) - max(y0, 4))
             assert overlap <= 0.2 * (x1 - x0) * (y1 - y0)
+
+
+class _Draws:
+    """A stand-in for `random` that returns the given draws in order (uniform only)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def uniform(self, lo, hi):
+        return self.draws.pop(0)
+
+
+def test_stain_jitter_scales_each_colours_optical_density():
+    img = torch.tensor([[[255, 127]], [[255, 63]], [[255, 31]]], dtype=torch.uint8)   # plasma white, a stained pixel
+    same = T.stain_jitter(img, _Draws(1.0, 1.0, 1.0, 0.0, 0.0, 0.0))
+    assert torch.equal(same, img)
+    twice_red = T.stain_jitter(img, _Draws(2.0, 1.0, 1.0, 0.0, 0.0, 0.0))
+    # Twice the red absorbance: transmitted red light (128/256) squared; white stays white.
+    assert twice_red[:, 0, 0].tolist() == [255, 255, 255] and twice_red[:, 0, 1].tolist() == [63, 63, 31]
