@@ -117,6 +117,19 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
 
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
+
+        # index.html after one run draws that run's point in each trend (not an empty box)...
+        page.goto((hostile_run / "index.html").resolve().as_uri())
+        dots = "() => [...document.querySelectorAll('svg.chart')].map(s => s.querySelectorAll('circle').length)"
+        assert page.evaluate(dots) == [1, 1]
+        # ...and after a night without any image file, shows that status apart, with nothing to plot.
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        cli("run", empty, "--out", tmp_path / "o", "--device", "cpu", check_rc=66)
+        page.goto((tmp_path / "o" / "index.html").resolve().as_uri())
+        status = page.locator("#runs tbody tr td:nth-child(2)")
+        assert status.inner_text() == "no_images" and status.evaluate("e => getComputedStyle(e).color") == "rgb(160, 0, 26)"
+        assert page.evaluate(dots) == [0, 0] and problems == []
         browser.close()
     from PIL import Image, ImageStat
 
