@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 
 import numpy as np
 import pytest
@@ -157,6 +158,15 @@ def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, 
         assert float(s["Platelets_estimate"]) == round(float(s["Platelets_per_field"]) * 15000, 1) and s["WBC_estimate"] == ""
     report = (run / "report.html").read_text()
     assert ">Platelets estimate</th>" in report and "WBC estimate" not in report and "Platelets × 15000.0" in report
+    # A run stored before estimates existed (no estimate_factors in its info) still renders, without them.
+    db = sqlite3.connect(out / "bccd-batch.sqlite")
+    info = json.loads(db.execute("SELECT info FROM runs").fetchone()[0])
+    del info["estimate_factors"]
+    db.execute("UPDATE runs SET info=?", (json.dumps(info),))
+    db.commit()
+    db.close()
+    cli("report", "--out", out, check_rc=0)
+    assert "Platelets estimate" not in (run / "report.html").read_text()
     # A blank field has no edges at all and is brighter than any BCCD field; the others pass.
     assert counts["slide-B/blank.jpg"]["flags"] == "blurred;too bright;few cells"
     assert {r["flags"] for rel, r in counts.items() if rel != "slide-B/blank.jpg"} == {""}
