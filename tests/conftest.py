@@ -44,6 +44,17 @@ def slides(tmp_path, bccd) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def empty_night(tmp_path_factory):
+    """(results root, the CLI's result) of one run over a slides folder holding no image file at
+    all (an unmounted share looks so), shared by the tests that check how such a night shows."""
+    empty = tmp_path_factory.mktemp("night") / "slides"
+    (empty / "slide-A").mkdir(parents=True)
+    (empty / "slide-A" / "notes.txt").write_text("not an image")
+    out = empty.parent / "out"
+    return out, cli("run", empty, "--out", out, "--device", "cpu")
+
+
 def cli(*args, check_rc=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess, as cron would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}

@@ -111,12 +111,8 @@ def test_usage_errors_exit_2(tmp_path, slides):
     assert sqlite3.connect(newer / "bccd-batch.sqlite").execute("PRAGMA user_version").fetchone()[0] == 99
 
 
-def test_a_night_without_any_image_file_exits_66_and_says_so(tmp_path):
-    empty = tmp_path / "slides"
-    (empty / "slide-A").mkdir(parents=True)
-    (empty / "slide-A" / "notes.txt").write_text("not an image")       # no image file at all: an unmounted share looks so
-    out = tmp_path / "out"
-    p = cli("run", empty, "--out", out, "--device", "cpu")
+def test_a_night_without_any_image_file_exits_66_and_says_so(empty_night):
+    out, p = empty_night
     assert p.returncode == 66 and "no image files under" in p.stderr and "Traceback" not in p.stderr
     info = json.loads((out / "latest" / "run.json").read_text())
     assert info["status"] == "no_images" and info["images"]["discovered"] == 0

@@ -64,7 +64,7 @@ def test_report_describes_the_model_that_ran(hostile_run):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs Debian's chromium)")
-def test_report_in_headless_chromium(hostile_run, tmp_path):
+def test_report_in_headless_chromium(hostile_run, empty_night, tmp_path):
     from playwright.sync_api import sync_playwright
 
     report = (hostile_run / "latest" / "report.html").resolve()
@@ -124,10 +124,7 @@ def test_report_in_headless_chromium(hostile_run, tmp_path):
         dots = "() => [...document.querySelectorAll('svg.chart')].map(s => s.querySelectorAll('circle').length)"
         assert page.evaluate(dots) == [1, 1]
         # ...and after a night without any image file, shows that status apart, with nothing to plot.
-        empty = tmp_path / "empty"
-        empty.mkdir()
-        cli("run", empty, "--out", tmp_path / "o", "--device", "cpu", check_rc=66)
-        page.goto((tmp_path / "o" / "index.html").resolve().as_uri())
+        page.goto((empty_night[0] / "index.html").resolve().as_uri())
         status = page.locator("#runs tbody tr td:nth-child(2)")
         assert status.inner_text() == "no_images" and status.evaluate("e => getComputedStyle(e).color") == "rgb(160, 0, 26)"
         assert page.evaluate(dots) == [0, 0] and problems == []
