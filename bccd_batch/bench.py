@@ -18,7 +18,8 @@ import torch
 
 from .decode import decode_file
 from .backends import EngineError, one_ahead, select_engine, submit
-from .pipeline import RunOptions, open_fds, parse_devices, rss_mb, run
+from .pipeline import RunOptions, run
+from .workers import open_fds, parse_devices, rss_mb
 
 
 class BenchError(Exception):

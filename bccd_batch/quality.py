@@ -37,7 +37,7 @@ MIN_RBC = 3
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
 # samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
 # field on one host core (the three channels' mean at full resolution cost 1.2 ms), which is why a
-# GPU run measures every field on the GPU instead (pipeline._decoded_groups).
+# GPU run measures every field on the GPU instead (batches.decoded_groups).
 def _sampled(green):
     """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
     g = green[..., 0::2, 0::2]

@@ -73,7 +73,7 @@ def test_an_operators_daemon_is_used_as_it_is(control, monkeypatch):
 
 def test_workers_that_fail_under_a_private_daemon_are_started_again_without_it(slides, tmp_path, monkeypatch, control):
     control()
-    real_pool, tries = pipeline._WorkerPool, []
+    real_pool, tries = pipeline.WorkerPool, []
 
     def pool(devices, opts, log):
         tries.append(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
@@ -81,7 +81,7 @@ def test_workers_that_fail_under_a_private_daemon_are_started_again_without_it(s
             raise EngineError("worker for cuda:0 failed to start: MPS client could not connect")
         return real_pool(devices, opts, log)
 
-    monkeypatch.setattr(pipeline, "_WorkerPool", pool)
+    monkeypatch.setattr(pipeline, "WorkerPool", pool)
     monkeypatch.setattr(pipeline, "mps_wanted", lambda devices: True)    # as with two workers on one GPU
     logged = []
     res = pipeline.run(pipeline.RunOptions(slides=slides, out=tmp_path / "out", model_dir=MODEL, device="cpu"),

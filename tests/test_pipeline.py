@@ -125,7 +125,7 @@ def test_devices_are_parsed_once_to_what_each_worker_runs_on(monkeypatch):
     import torch
 
     from bccd_batch.backends import EngineError
-    from bccd_batch.pipeline import parse_devices
+    from bccd_batch.workers import parse_devices
 
     said = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -143,14 +143,14 @@ def test_devices_are_parsed_once_to_what_each_worker_runs_on(monkeypatch):
 
 
 def test_worker_devices_repeat_each_device_in_order():
-    from bccd_batch.pipeline import worker_devices
+    from bccd_batch.workers import worker_devices
 
     assert worker_devices(["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
     assert worker_devices(["cpu"]) == ["cpu"]       # the CPU's default: one worker (torch uses every core)
 
 
 def test_decode_threads_share_three_quarters_of_the_cores_between_workers():
-    from bccd_batch.pipeline import decode_threads
+    from bccd_batch.workers import decode_threads
 
     assert decode_threads(3, cpus=16) == 4       # one GPU's three workers on a 16-core host
     assert decode_threads(3, cpus=64) == 8       # ... on a 64-core host (at most 8)
@@ -324,7 +324,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
     import numpy as np
 
     from bccd_batch.discover import ImageFile
-    from bccd_batch.pipeline import _Prepared, _batches, _new_timings
+    from bccd_batch.batches import Prepared, batches, new_timings
     from bccd_batch.store import unpack_detections
 
     events = []
@@ -338,13 +338,13 @@ def test_batches_submit_the_next_before_collecting_the_last():
 
     prepared = []
     for i in range(7):
-        p = _Prepared(ImageFile(f"s/{i}.jpg", "s", Path(f"/x/{i}.jpg")))
+        p = Prepared(ImageFile(f"s/{i}.jpg", "s", Path(f"/x/{i}.jpg")))
         if i == 3:
             p.error = "not a recognised image format"
         else:
             p.array, p.quality = np.full((4, 4, 3), i, np.uint8), (None, float(i))   # as a decode thread leaves it
         prepared.append(p)
-    groups = list(_batches(iter(prepared), RunsAhead(), 2, _new_timings()))
+    groups = list(batches(iter(prepared), RunsAhead(), 2, new_timings()))
     assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("submit", 2), ("collect", 1),
                       ("collect", 2)]
     stored = [(p.file.rel, d) for g in groups for p, hw, d in g]
@@ -359,7 +359,7 @@ def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch)
     """The `--gpu-decode` path on the CPU (torchvision's decoder where nvJPEG would be, the eager
     engine taking the 3xHxW fields it gives): each JPEG is decoded with its batch, anything else
     as before; if the batch decoder refuses, every field still gets decode_bytes and its reason."""
-    from bccd_batch import pipeline
+    from bccd_batch import batches, pipeline
     from bccd_batch.discover import ImageFile
     from bccd_batch.backends.torch_eager import TorchEngine
     from bccd_batch.store import unpack_detections
@@ -372,8 +372,8 @@ def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch)
     opts = pipeline.RunOptions(slides=bccd, out=bccd, model_dir=bccd, batch_size=2, decode_workers=2)
 
     def outcome(on_device):
-        timings = pipeline._new_timings()
-        groups = pipeline._decoded_groups(((f, None) for f in files), engine, opts, timings, on_device=on_device)
+        timings = batches.new_timings()
+        groups = batches.decoded_groups(((f, None) for f in files), engine, opts, timings, on_device=on_device)
         got = {p.file.rel: (hw, p.error, d and [x[:1] + tuple(round(v) for v in x[2:]) for x in unpack_detections(d) if x[1] >= 0.6])
                for g in groups for p, hw, d in g}
         return got, timings["fields_decoded_on_device"]
@@ -386,6 +386,6 @@ def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch)
 
     def refuse(datas, device):
         raise RuntimeError("Error while decoding JPEG images: Failed to decode batch: 10")
-    monkeypatch.setattr(pipeline, "decode_on_device", refuse)
+    monkeypatch.setattr(batches, "decode_on_device", refuse)
     refused, n_refused = outcome(True)
     assert n_refused == 0 and refused == host

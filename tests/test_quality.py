@@ -112,7 +112,7 @@ def test_a_gpu_engine_measures_pillow_decoded_fields_on_the_gpu(bccd, tmp_path, 
     measured on the GPU from the copy the engine reads, and measures as it would on the host."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bccd_batch import pipeline
+    from bccd_batch import batches, pipeline
     from bccd_batch.discover import ImageFile
     from bccd_batch.backends.torch_eager import TorchEngine
     from conftest import MODEL
@@ -121,11 +121,11 @@ def test_a_gpu_engine_measures_pillow_decoded_fields_on_the_gpu(bccd, tmp_path, 
     Image.fromarray(decode_file(paths[0])[:300, :401]).save(tmp_path / "cropped.png")
     paths.append(tmp_path / "cropped.png")
     expected = {f"s/{p.name}": measure_host(decode_file(p)) for p in paths}
-    monkeypatch.setattr(pipeline, "measure_host", None)     # a decode thread that measured would fail
+    monkeypatch.setattr(batches, "measure_host", None)     # a decode thread that measured would fail
     engine = TorchEngine(MODEL, "cuda", batch_size=4)
     opts = pipeline.RunOptions(slides=bccd, out=tmp_path, model_dir=MODEL, batch_size=4, decode_workers=2)
     work = ((ImageFile(f"s/{p.name}", "s", p), None) for p in paths)
-    got = {p.file.rel: p.quality for g in pipeline._decoded_groups(work, engine, opts, pipeline._new_timings())
+    got = {p.file.rel: p.quality for g in batches.decoded_groups(work, engine, opts, batches.new_timings())
            for p, _, _ in g}
     assert got.keys() == expected.keys()
     assert np.array([got[k] for k in expected]) == pytest.approx(np.array(list(expected.values())), rel=1e-4)

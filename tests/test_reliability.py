@@ -307,7 +307,7 @@ def test_fuzz_yolo(tmp_path, lines, names, body):
 def test_soak_memory_and_fds_stay_flat(tmp_path):
     """A few hundred images (CI's size; the 10,000-image soak runs on the GPU): this process (the
     store) and the worker that infers keep memory and file descriptors flat."""
-    from bccd_batch.pipeline import open_fds, rss_mb
+    from bccd_batch.workers import open_fds, rss_mb
     from bccd_batch.pipeline import RunOptions, run
 
     src = sorted((DATA / "JPEGImages").glob("*.jpg"))
