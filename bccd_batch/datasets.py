@@ -76,9 +76,15 @@ def split_keys(labels: LabelSet, train_split: str, val_split: str, val_fraction:
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val]), f"seeded {val_fraction:.0%} val (seed {seed})"
 
 
+def beside(path: Path, name: str) -> Path:
+    """A dataset's companion file `name`: in its folder, or beside its label file (CSV, COCO, data.yaml)."""
+    path = Path(path)
+    return path / name if path.is_dir() else path.parent / name
+
+
 def read_sources(path: Path) -> dict[str, str]:
     """file -> source from a dataset's sources.csv, where it has one."""
-    f = Path(path) / "sources.csv" if Path(path).is_dir() else Path(path).parent / "sources.csv"
+    f = beside(path, "sources.csv")
     if not f.is_file():
         return {}
     with open(f, newline="", encoding="utf-8") as fh:
@@ -90,7 +96,7 @@ PSEUDO_USES = ("labels", "ignore")
 
 def read_pseudo(path: Path) -> dict[str, list[tuple]]:
     """file -> [(class, x0, y0, x1, y1)] of a dataset's pseudo.csv (complete-labels' teacher boxes)."""
-    f = Path(path) / "pseudo.csv" if Path(path).is_dir() else Path(path).parent / "pseudo.csv"
+    f = beside(path, "pseudo.csv")
     if not f.is_file():
         return {}
     out: dict[str, list[tuple]] = {}
