@@ -49,8 +49,9 @@ def colour_jitter(img: torch.Tensor, rng) -> torch.Tensor:
 def stain_jitter(img: torch.Tensor, rng, scale: float = 0.3, shift: float = 0.1) -> torch.Tensor:
     """Another lab's staining, by Beer-Lambert: each channel's optical density (-log of the light
     let through) scaled by its own factor in 1 ± `scale` (how much stain the cells took up) and
-    shifted by ± `shift` (the illuminant's balance). Unlike RGB brightness or hue jitter this keeps
-    unstained plasma light while the cells' colour changes."""
+    shifted by ± `shift` (the illuminant's balance). Unlike RGB brightness or hue jitter the scaling
+    recolours stained cells and leaves unstained plasma as it was; only the shift moves the plasma,
+    as another lamp or camera white balance would."""
     a = torch.tensor([rng.uniform(1 - scale, 1 + scale) for _ in range(3)]).view(3, 1, 1)
     b = torch.tensor([rng.uniform(-shift, shift) for _ in range(3)]).view(3, 1, 1)
     od = -torch.log((img.float() + 1) / 256)
