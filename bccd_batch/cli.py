@@ -244,6 +244,10 @@ def run(
     keep_runs: Optional[int] = typer.Option(None, min=1, envvar="BCCD_BATCH_KEEP_RUNS",
                                             help="Once a run finishes, delete the folders of all but the newest N runs "
                                                  "(the store and index.html keep their counts); default: keep all."),
+    executor: str = typer.Option("local", envvar="BCCD_BATCH_EXECUTOR",
+                                 help="local (this host's worker processes) or ray (a Ray cluster; docs/ray.md)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="BCCD_BATCH_RAY_ADDRESS",
+                                              help="With --executor ray: auto, ray://HOST:10001, or none for RAY_ADDRESS or a local cluster."),
 ) -> None:
     """Detect and count cells in every new or changed image under SLIDES; write OUT/runs/<UTC time>/.
 
@@ -264,10 +268,18 @@ def run(
     for name, factor in (("--platelet-factor", platelet_factor), ("--wbc-factor", wbc_factor)):
         if factor is not None and not factor > 0:
             raise _fail(f"{name} must be a positive number, not {factor}")
+    if executor not in ("local", "ray"):
+        raise _fail(f"--executor must be local or ray, not {executor!r}")
+    if executor == "ray":
+        from .ray_pool import import_ray
+        try:
+            import_ray()
+        except EngineError as e:
+            raise _fail(str(e))
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers,
                       workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode,
-                      keep_runs=keep_runs,
+                      keep_runs=keep_runs, executor=executor, ray_address=ray_address,
                       estimate_factors={c: f for c, f in (("Platelets", platelet_factor), ("WBC", wbc_factor)) if f})
     try:
         result = run_pipeline(opts, log=lambda m: typer.echo(m, err=True))

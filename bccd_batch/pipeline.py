@@ -25,6 +25,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .discover import discover
@@ -34,6 +35,9 @@ from .outputs import gather, point_latest, prune_runs, write_run_files
 from .progress import Progress
 from .store import STORE_NAME, Store
 from .workers import WorkerPool, decode_threads, parse_devices, worker_devices
+
+if TYPE_CHECKING:
+    from .ray_pool import RayPool
 
 
 WORK_LIST = ".work-list"    # OUT/<this>: the running run's work for its workers (workers.write_work_list)
@@ -65,6 +69,8 @@ class RunOptions:
     gpu_decode: bool = True                     # plain JPEGs decoded by nvJPEG where the engine is on a GPU
     keep_runs: int | None = None                # once a run finishes, the folders of only the newest N runs are kept
     estimate_factors: dict = dataclasses.field(default_factory=dict)   # class -> the lab's factor (outputs.ESTIMATED)
+    executor: str = "local"                     # or "ray": the per-field work on a Ray cluster (ray_pool.py)
+    ray_address: str | None = None              # ray.init's address: None (RAY_ADDRESS or a local cluster), auto, ray://...
 
 
 @dataclasses.dataclass
@@ -138,6 +144,11 @@ def run(opts: RunOptions, log=print) -> RunResult:
     try:
         store = Store(out / STORE_NAME)     # before any worker starts: a store we cannot use ends the run here
         try:
+            if opts.executor == "ray":
+                from .ray_pool import RayPool
+
+                with RayPool(opts, log, opts.ray_address) as workers:
+                    return _run_locked(workers.opts, out, store, workers, log, "off")
             devices = worker_devices(parse_devices(opts.device, log), opts.workers_per_device)
             opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
             mps = mps_for_workers(log) if opts.mps and mps_wanted(devices) else contextlib.nullcontext("off")
@@ -179,7 +190,7 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
     return sum(1 for m in images if "detections" in m)
 
 
-def _run_locked(opts: RunOptions, out: Path, store: Store, inference: WorkerPool, log, mps: str) -> RunResult:
+def _run_locked(opts: RunOptions, out: Path, store: Store, inference: WorkerPool | RayPool, log, mps: str) -> RunResult:
     card = inference.card
     model_sha = card["weights"]["sha256"]
     thresholds = card["thresholds"]

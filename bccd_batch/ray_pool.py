@@ -1,0 +1,206 @@
+"""`run --executor ray`: the per-field work (read, hash, decode, quality, inference) on a Ray cluster,
+behind the same driver as the local worker pool (pipeline.py), which still discovers, decides what is
+new and alone writes the store. docs/ray.md says how to run it.
+
+A Ray Data plan: the new fields' paths (and their prior store records) as Arrow rows -> an actor pool
+(`map_batches` with a callable class: one engine per actor, GPU or CPU) that runs the local
+executor's own per-field code (batches.decoded_groups) -> the driver iterating result blocks and
+committing each as one transaction. Decode runs inside the actors, as in a local worker (threads,
+nvJPEG on a GPU), so images never enter the object store: only detections and field facts travel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import signal
+from typing import TYPE_CHECKING
+
+from .backends import EngineError
+from .batches import Prepared, decoded_groups, new_timings
+from .discover import ImageFile
+from .model import ModelError, read_card
+from .workers import decode_threads
+
+if TYPE_CHECKING:
+    from .pipeline import RunOptions
+
+INSTALL = "pip install 'bccd-batch[ray]'"
+GPU_ACTORS_PER_GPU = 3      # as the local executor's workers per GPU (workers.worker_devices)
+
+
+def import_ray():
+    """Ray, or an EngineError that says how to install it (the CLI's exit 2)."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the extra, not only the core)
+    except ImportError:
+        raise EngineError(f"--executor ray needs Ray Data: {INSTALL}") from None
+    return ray
+
+
+def _fields_table(pa, files: list[ImageFile], known: dict):
+    """The work as Arrow columns: no Python-object column, so Ray never pickles rows into its store."""
+    return pa.table({"rel": [f.rel for f in files], "slide": [f.slide for f in files], "path": [f.path for f in files],
+                     "prior": pa.array([pickle.dumps(known[f.rel]) if f.rel in known else None for f in files], pa.binary())})
+
+
+_TIMINGS = tuple(new_timings())
+
+
+def _result_table(pa, group: list[tuple], timings: dict, engine):
+    """One task's (prepared, (h, w), packed detections) as Arrow columns; its seconds are spread evenly
+    over its rows, so the driver's sum over rows is the actors' total (run.json's timings)."""
+    n = len(group)
+    ps = [p for p, _, _ in group]
+    hws = [hw or (None, None) for _, hw, _ in group]
+    return pa.table({
+        "rel": [p.file.rel for p in ps], "size": [p.size for p in ps], "mtime_ns": [p.mtime_ns for p in ps],
+        "sha256": [p.sha256 for p in ps], "error": [p.error for p in ps], "skip": [p.skip for p in ps],
+        "focus": [p.quality[0] if p.quality else None for p in ps],
+        "brightness": [p.quality[1] if p.quality else None for p in ps],
+        "height": [h for h, _ in hws], "width": [w for _, w in hws],
+        "dets": pa.array([d for _, _, d in group], pa.binary()),
+        **{f"t_{k}": [timings[k] / max(1, n)] * n for k in _TIMINGS},
+        "engine": [engine.name] * n, "device_name": [engine.device_name] * n,
+    })
+
+
+class FieldActor:
+    """One engine per actor; each call takes a block of fields through it (the local worker's loop)."""
+
+    def __init__(self, opts: RunOptions, device: str, threads: int):
+        import torch
+
+        from .backends import select_engine
+        from .decode import device_decoder_problem
+
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs; the local executor's thread count keeps the
+        # eager engine's float sums, and so its detections, the same.
+        torch.set_num_threads(threads)
+        self.opts, self.problem = opts, None
+        try:
+            self.engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=lambda m: None,
+                                        precision=opts.precision)
+            if hasattr(self.engine, "warm_up"):
+                self.engine.warm_up()
+            self.on_device = opts.gpu_decode and self.engine.device.startswith("cuda") \
+                and device_decoder_problem(self.engine.device) is None
+        except (EngineError, ModelError) as e:
+            self.problem = str(e)      # raised with the first block, so the driver says why and stops
+
+    def __call__(self, block):
+        import pyarrow as pa
+
+        if self.problem:
+            raise EngineError(self.problem)
+        cols = block.to_pydict()
+        work = [(ImageFile(r, s, p), pickle.loads(k) if k is not None else None)
+                for r, s, p, k in zip(cols["rel"], cols["slide"], cols["path"], cols["prior"])]
+        timings = new_timings()
+        group = [x for g in decoded_groups(work, self.engine, self.opts, timings, on_device=self.on_device) for x in g]
+        return _result_table(pa, group, timings, self.engine)
+
+
+def _group(cols: dict, i: int, by_rel: dict) -> tuple:
+    p = Prepared(by_rel[cols["rel"][i]], size=cols["size"][i], mtime_ns=cols["mtime_ns"][i], sha256=cols["sha256"][i],
+                 error=cols["error"][i], skip=cols["skip"][i])
+    if cols["brightness"][i] is not None:
+        p.quality = (cols["focus"][i], cols["brightness"][i])
+    hw = (cols["height"][i], cols["width"][i]) if cols["height"][i] is not None else None
+    return p, hw, cols["dets"][i]
+
+
+def _quiet(ray) -> None:
+    """A nightly log says what needs attention: Ray Data's progress and plan go to its own log file
+    (the session's ray-data.log), only its warnings to stderr."""
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING)
+
+
+class RayPool:
+    """The local WorkerPool's interface (card, name, device, timings, memory, groups) over Ray actors."""
+
+    def __init__(self, opts: RunOptions, log, address: str | None = None):
+        self.ray = import_ray()
+        self.opts, self.log, self.address = opts, log, address
+        self.card = read_card(opts.model_dir)
+        self.started_here = False
+
+    def __enter__(self):
+        ray = self.ray
+        _quiet(ray)
+        if not ray.is_initialized():
+            # ray.init makes SIGTERM exit with code 15; the CLI's handler (exit 143) is put back.
+            on_sigterm = signal.getsignal(signal.SIGTERM)
+            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            signal.signal(signal.SIGTERM, on_sigterm)
+            self.started_here = True
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        want_gpu = self.opts.device not in ("cpu",) and gpus > 0
+        if self.opts.device.startswith("cuda") and not gpus:
+            self.log(f"{self.opts.device} requested but the Ray cluster has no GPU: running on CPUs")
+        import torch
+
+        self.threads = torch.get_num_threads()      # this host's default, as a local worker's
+        per_gpu = self.opts.workers_per_device or GPU_ACTORS_PER_GPU
+        if want_gpu:
+            self.actors, self.resources = gpus * per_gpu, {"num_gpus": 1 / per_gpu, "num_cpus": 1}
+        else:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            self.actors = self.opts.workers_per_device or max(1, cpus // self.threads)
+            self.resources = {"num_cpus": min(self.threads, cpus)}
+        self.device = "cuda" if want_gpu else "cpu"
+        # Decode threads per actor as a local worker's: its host's cores shared over its actors there.
+        self.opts = dataclasses.replace(self.opts, decode_workers=self.opts.decode_workers or decode_threads(per_gpu if want_gpu else 1))
+        self.name, self.device_name = "ray", ""
+        self.timings, self.memory = new_timings(), []
+        self.log(f"ray: {self.actors} {self.device.upper()} actors on a cluster of "
+                 f"{int(ray.cluster_resources().get('CPU', 0))} CPUs and {gpus} GPUs")
+        return self
+
+    def __exit__(self, *exc):
+        if self.started_here:
+            self.ray.shutdown()
+        return False
+
+    def groups(self, files: list[ImageFile], known: dict, work_list, stop):
+        import pyarrow as pa
+
+        if not files:
+            return
+        ray = self.ray
+        block = 8 * self.opts.batch_size      # fields per task: one store transaction each
+        table = _fields_table(pa, files, known)
+        ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(files), block)])
+        # Ray Data restarts a lost actor and redoes its block (its default max_restarts/max_task_retries
+        # of -1): each field still comes back once.
+        ds = ds.map_batches(FieldActor, fn_constructor_kwargs={"opts": self.opts, "device": self.device, "threads": self.threads},
+                            batch_size=block, batch_format="pyarrow", zero_copy_batch=True,
+                            compute=ray.data.ActorPoolStrategy(size=self.actors), **self.resources)
+        by_rel = {f.rel: f for f in files}
+        seen = set()
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                cols = out.to_pydict()
+                if not cols["rel"]:
+                    continue
+                self.name = f"{cols['engine'][0]} (ray)"
+                self.device_name = cols["device_name"][0]
+                for k in _TIMINGS:
+                    self.timings[k] += sum(cols[f"t_{k}"])
+                group = [_group(cols, i, by_rel) for i in range(len(cols["rel"])) if cols["rel"][i] not in seen]
+                seen.update(cols["rel"])
+                yield group
+                if stop():
+                    return      # blocks in flight are dropped; the next run does their fields
+        except Exception as e:      # a task's EngineError comes back wrapped by Ray
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, EngineError) or "EngineError" in str(e):
+                raise EngineError(str(cause).strip().splitlines()[-1]) from None
+            raise
+        finally:
+            self.timings["fields_decoded_on_device"] = round(self.timings["fields_decoded_on_device"])
