@@ -140,7 +140,7 @@ class RayPool:
             signal.signal(signal.SIGTERM, on_sigterm)
             self.started_here = True
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        want_gpu = self.opts.device not in ("cpu",) and gpus > 0
+        want_gpu = self.opts.device != "cpu" and gpus > 0
         if self.opts.device.startswith("cuda") and not gpus:
             self.log(f"{self.opts.device} requested but the Ray cluster has no GPU: running on CPUs")
         import torch

@@ -37,6 +37,7 @@ def _ray_cli(address, *args, **kw):
     return cli(*args, "--executor", "ray", env={"RAY_ADDRESS": address}, **kw)
 
 
+@pytest.mark.slow
 def test_ray_executor_writes_what_the_local_one_does_and_records_bad_files(ray_address, slides, tmp_path):
     (slides / "slide-B" / "broken.jpg").write_bytes(b"not a jpeg")
     good = next((slides / "slide-A").glob("*.jpg")).read_bytes()
