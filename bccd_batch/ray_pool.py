@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import re
 import signal
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,20 @@ def _group(cols: dict, i: int, by_rel: dict) -> tuple:
     return p, hw, cols["dets"][i]
 
 
+def _engine_error(e: BaseException) -> str | None:
+    """The message of the EngineError an actor raised. Ray Data hands back its own exception whose
+    text carries the actor's traceback, not the exception object: found there by its type's name."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, EngineError):
+            return str(e)
+        if found := re.search(r"EngineError: (.+)", str(e)):
+            return found.group(1).strip()
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
 def _quiet(ray) -> None:
     """A nightly log says what needs attention: Ray Data's progress and plan go to its own log file
     (the session's ray-data.log), only its warnings to stderr."""
@@ -198,9 +213,8 @@ class RayPool:
                 if stop():
                     return      # blocks in flight are dropped; the next run does their fields
         except Exception as e:      # a task's EngineError comes back wrapped by Ray
-            cause = getattr(e, "cause", None) or e
-            if isinstance(cause, EngineError) or "EngineError" in str(e):
-                raise EngineError(str(cause).strip().splitlines()[-1]) from None
+            if (message := _engine_error(e)) is not None:
+                raise EngineError(message) from None
             raise
         finally:
             self.timings["fields_decoded_on_device"] = round(self.timings["fields_decoded_on_device"])

@@ -123,3 +123,9 @@ def test_executor_ray_without_ray_installed_is_a_usage_error_with_the_install_co
     p = cli("run", slides, "--out", tmp_path / "out", "--executor", "ray", env={"PYTHONPATH": str(shadow)})
     assert p.returncode == 2 and "pip install 'bccd-batch[ray]'" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_engine_the_actors_cannot_build_is_a_usage_error_with_its_reason(ray_address, slides, tmp_path):
+    p = _ray_cli(ray_address, "run", slides, "--out", tmp_path / "out", "--engine", "compiled", "--device", "cpu")
+    assert p.returncode == 2 and "the compiled engine needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr
