@@ -74,11 +74,17 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
               log=lambda m: None)
     wall = time.perf_counter() - t
     timings = res.info["timings"]
+    # After the first stored group: engines built, warm and fed. The Ray executor builds its engines
+    # inside the run (actors start with the plan), the local one before the run's clock starts.
+    first = timings["first_group_seconds"]
+    after_first = res.info["images"]["new"] - timings["first_group_fields"]
+    steady = round(after_first / (timings["wall_seconds"] - first), 1) if after_first > 0 else "-"   # one group: no steady state
     # Summed over workers, so divide by their number to get the share of each engine's run.
     workers = res.info["device"].split(",")
     n_dev = len(workers)
     return {"devices": len(set(workers)), "workers": n_dev, "decode_threads": res.info["decode_threads_per_worker"], "mps": res.info["mps"],
             "gpu_decoded": res.info["fields_decoded_on_gpu"], "end_to_end_img_s": res.info["images_per_s"],
+            "steady_img_s": steady, "executor": run_opts.get("executor", "local"),
             "startup_s": round(wall - timings["wall_seconds"], 1),
             **{f"{k}_pct": round(100 * timings[f"{k}_seconds"] / n_dev / timings["wall_seconds"], 1)
                for k in ("decode_wait", "file_wait", "device_decode", "store_wait")},
@@ -91,8 +97,9 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
 
 
 def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tuple[str, int]],
-              device_sets: list[str] = (), log=print, **run_opts) -> list[dict]:
-    """Rows for each engine:batch on `device`; then the last engine end to end over each set of
+              device_sets: list[str] = (), log=print, executors: tuple[str, ...] = ("local",), **run_opts) -> list[dict]:
+    """Rows for each engine:batch on `device`, one per executor (`run --executor`: the model-only
+    figure is the engine's, measured once); then the last engine end to end over each set of
     several devices in `device_sets` (worker processes per device as in `run`). `run_opts`: as
     `end_to_end`'s."""
     files = sorted(Path(src).glob("*.jpg"))
@@ -111,15 +118,19 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             mo = model_only(engine, images, batch)
-            rss0, fds0 = rss_mb(), open_fds()
-            e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}", model_dir, name, device, batch, **run_opts)
-            rows.append({"engine": engine.name, "batch": batch, "model_only_img_s": round(mo, 1),
-                         **e2e, "images": n, "device": engine.device_name, "fds": f"{fds0} -> {open_fds()}",
-                         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
-                         "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()),
-                         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
-            log(str(rows[-1]))
+            engine_name, device_name = engine.name, engine.device_name
             del engine
+            for executor in executors:
+                rss0, fds0 = rss_mb(), open_fds()
+                e2e = end_to_end(folder, Path(tmp) / f"out-{name}-{batch}-{executor}", model_dir, name, device, batch,
+                                 executor=executor, **run_opts)
+                rows.append({"engine": engine_name, "batch": batch,
+                             "model_only_img_s": round(mo, 1), **e2e, "images": n, "device": device_name,
+                             "fds": f"{fds0} -> {open_fds()}",
+                             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+                             "rss_start_mb": round(rss0), "rss_end_mb": round(rss_mb()),
+                             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+                log(str(rows[-1]))
         single = rows[-1] if rows else None
         for spec in device_sets:
             multi = parse_devices(spec, log)
@@ -136,7 +147,7 @@ def run_bench(src: Path, n: int, model_dir: Path, device: str, engines: list[tup
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["engine", "batch", "devices", "workers", "decode_threads", "mps", "gpu_decoded", "model_only_img_s", "end_to_end_img_s", "startup_s",
+    cols = ["engine", "executor", "batch", "devices", "workers", "decode_threads", "mps", "gpu_decoded", "model_only_img_s", "end_to_end_img_s", "steady_img_s", "startup_s",
             "decode_wait_pct", "file_wait_pct", "device_decode_pct", "store_wait_pct", "engine_busy_pct", "store_busy_pct", "discover_s", "first_group_s", "images", "scaling",
             "peak_gpu_mb", "rss_start_mb", "rss_end_mb", "worker_rss_mb", "fds", "device"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -442,6 +442,7 @@ def bench(
     workers_per_device: Optional[int] = typer.Option(None, min=1, help="As `run --workers-per-device`."),
     mps: bool = typer.Option(True, help="As `run --mps`."),
     gpu_decode: bool = typer.Option(True, help="As `run --gpu-decode`."),
+    executors: str = typer.Option("local", help="Executors to run each engine end to end with, comma-separated: local, ray (docs/ray.md)."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
     from .bench import BenchError, run_bench, table
@@ -450,10 +451,21 @@ def bench(
         pairs = [(name, int(batch)) for name, batch in (e.split(":") for e in engines.split(","))]
     except ValueError:
         raise _fail(f"--engines takes engine:batch pairs separated by commas (torch:8,compiled:32), not {engines!r}")
+    chosen = tuple(x.strip() for x in executors.split(","))
+    if not chosen or not set(chosen) <= {"local", "ray"}:
+        raise _fail(f"--executors takes local and/or ray, comma-separated, not {executors!r}")
+    if "ray" in chosen:
+        from .backends import EngineError
+        from .ray_pool import import_ray
+        try:
+            import_ray()
+        except EngineError as e:
+            raise _fail(str(e))
     try:
         rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
                          log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
-                         workers_per_device=workers_per_device, mps=mps, gpu_decode=gpu_decode)
+                         workers_per_device=workers_per_device, mps=mps, gpu_decode=gpu_decode,
+                         executors=chosen)
     except BenchError as e:
         raise _fail(f"{e} (set --data or BCCD_DATA)")
     typer.echo(table(rows))

@@ -208,7 +208,7 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: WorkerPool
     log(f"{len(files)} images under {opts.slides} -> {run_dir}")
     if not files:
         log(f"no image files under {opts.slides}: nothing to process (an empty folder, or a share that is not mounted?)")
-    status, n_inferred, store_seconds, first_group_seconds = "failed", 0, 0.0, 0.0
+    status, n_inferred, store_seconds, first_group_seconds, first_group_fields = "failed", 0, 0.0, 0.0, 0
     stop = _StopFlag()
     try:
         with stop:
@@ -222,7 +222,8 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: WorkerPool
                     n_inferred += inferred
                     store_seconds += time.monotonic() - t
                     # Discovery, then the first batch read, decoded and inferred (engines are warm by now).
-                    first_group_seconds = first_group_seconds or time.monotonic() - t0
+                    if not first_group_seconds:
+                        first_group_seconds, first_group_fields = time.monotonic() - t0, inferred
                     prog.update(len(group), counted=inferred)
             prog.close()
         status = "interrupted" if stop.signum is not None else "finished" if files else "no_images"
@@ -246,6 +247,7 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: WorkerPool
                        "skipped": outcomes.get("skipped", 0), "failed": outcomes.get("failed", 0)},
             "timings": {"wall_seconds": round(elapsed, 3), "store_seconds": round(store_seconds, 3),
                         "discover_seconds": round(discover_seconds, 3), "first_group_seconds": round(first_group_seconds, 3),
+                        "first_group_fields": first_group_fields,
                         **{k: round(v, 3) for k, v in timings.items()}},
             "worker_memory": inference.memory, "estimate_factors": opts.estimate_factors,
             "images_per_s": round(n_inferred / elapsed, 2) if elapsed > 0 else 0.0,

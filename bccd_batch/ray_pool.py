@@ -168,12 +168,13 @@ class RayPool:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             self.actors = self.opts.workers_per_device or max(1, cpus // self.threads)
             self.resources = {"num_cpus": min(self.threads, cpus)}
-        self.device = "cuda" if want_gpu else "cpu"
+        self.kind = "cuda" if want_gpu else "cpu"
+        self.device = ",".join([self.kind] * self.actors)     # per engine, as the local pool's
         # Decode threads per actor as a local worker's: its host's cores shared over its actors there.
         self.opts = dataclasses.replace(self.opts, decode_workers=self.opts.decode_workers or decode_threads(per_gpu if want_gpu else 1))
         self.name, self.device_name = "ray", ""
         self.timings, self.memory = new_timings(), []
-        self.log(f"ray: {self.actors} {self.device.upper()} actors on a cluster of "
+        self.log(f"ray: {self.actors} {self.kind.upper()} actors on a cluster of "
                  f"{int(ray.cluster_resources().get('CPU', 0))} CPUs and {gpus} GPUs")
         return self
 
@@ -193,7 +194,7 @@ class RayPool:
         ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(files), block)])
         # Ray Data restarts a lost actor and redoes its block (its default max_restarts/max_task_retries
         # of -1): each field still comes back once.
-        ds = ds.map_batches(FieldActor, fn_constructor_kwargs={"opts": self.opts, "device": self.device, "threads": self.threads},
+        ds = ds.map_batches(FieldActor, fn_constructor_kwargs={"opts": self.opts, "device": self.kind, "threads": self.threads},
                             batch_size=block, batch_format="pyarrow", zero_copy_batch=True,
                             compute=ray.data.ActorPoolStrategy(size=self.actors), **self.resources)
         by_rel = {f.rel: f for f in files}

@@ -24,3 +24,5 @@ def test_bench_without_fields_to_copy_or_with_bad_engines_exits_2_with_the_reaso
     for bad in ("torch", "torch:eight", "torch:8:1"):
         r = cli("bench", "--data", DATA, "--images", 4, "--engines", bad, "--device", "cpu", check_rc=2)
         assert "--engines takes engine:batch pairs" in r.stderr
+    r = cli("bench", "--data", DATA, "--images", 4, "--engines", "torch:1", "--device", "cpu", "--executors", "local,spark", check_rc=2)
+    assert "--executors takes local and/or ray" in r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, cli
+from conftest import DATA, MODEL, cli
 from test_pipeline import _slow_folder, _wait_for_rows, read_csv
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'bccd-batch[ray]')")
@@ -129,3 +129,14 @@ def test_executor_ray_without_ray_installed_is_a_usage_error_with_the_install_co
 def test_an_engine_the_actors_cannot_build_is_a_usage_error_with_its_reason(ray_address, slides, tmp_path):
     p = _ray_cli(ray_address, "run", slides, "--out", tmp_path / "out", "--engine", "compiled", "--device", "cpu")
     assert p.returncode == 2 and "the compiled engine needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_bench_runs_each_engine_with_each_executor(ray_address):
+    from bccd_batch.bench import run_bench
+
+    rows = run_bench(DATA / "JPEGImages", 10, MODEL, "cpu", [("torch", 1)], log=lambda m: None, executors=("local", "ray"))
+    assert [(r["engine"], r["executor"]) for r in rows] == [("torch-eager-fp32", "local"), ("torch-eager-fp32", "ray")]
+    assert rows[0]["model_only_img_s"] == rows[1]["model_only_img_s"]     # the engine's, measured once
+    # Batch 1: the Ray executor's blocks are 8 fields, so 2 come after its first block.
+    assert all(r["end_to_end_img_s"] > 0 and r["steady_img_s"] > 0 for r in rows)
