@@ -271,11 +271,7 @@ def run(
     if executor not in ("local", "ray"):
         raise _fail(f"--executor must be local or ray, not {executor!r}")
     if executor == "ray":
-        from .ray_pool import import_ray
-        try:
-            import_ray()
-        except EngineError as e:
-            raise _fail(str(e))
+        _need_ray()
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers,
                       workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode,
@@ -455,12 +451,7 @@ def bench(
     if not chosen or not set(chosen) <= {"local", "ray"}:
         raise _fail(f"--executors takes local and/or ray, comma-separated, not {executors!r}")
     if "ray" in chosen:
-        from .backends import EngineError
-        from .ray_pool import import_ray
-        try:
-            import_ray()
-        except EngineError as e:
-            raise _fail(str(e))
+        _need_ray()
     try:
         rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
                          log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
@@ -469,6 +460,17 @@ def bench(
     except BenchError as e:
         raise _fail(f"{e} (set --data or BCCD_DATA)")
     typer.echo(table(rows))
+
+
+def _need_ray() -> None:
+    """Exit 2 with the install command where Ray Data is missing, before anything runs."""
+    from .backends import EngineError
+    from .ray_pool import import_ray
+
+    try:
+        import_ray()
+    except EngineError as e:
+        raise _fail(str(e))
 
 
 def _exit_on_signal(signum, frame) -> None:

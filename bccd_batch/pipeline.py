@@ -12,6 +12,7 @@ device: the decode threads, the engine's Python glue and the store's SQLite call
 retakes the GIL) all take turns at one GIL, and in one process each waited (an earlier
 single-process version on an H200: the storing thread 95% busy at ~750 fields/s end to end). A
 worker also keeps a compiled engine's CUDA graph and buffers on the one thread that replays them.
+`--executor ray` hands the same per-field work to actors on a Ray cluster instead (ray_pool.py).
 """
 
 from __future__ import annotations
