@@ -44,10 +44,19 @@ def import_ray():
 def _fields_table(pa, files: list[ImageFile], known: dict):
     """The work as Arrow columns: no Python-object column, so Ray never pickles rows into its store."""
     return pa.table({"rel": [f.rel for f in files], "slide": [f.slide for f in files], "path": [f.path for f in files],
-                     "prior": pa.array([pickle.dumps(known[f.rel]) if f.rel in known else None for f in files], pa.binary())})
+                     "prior": [pickle.dumps(known[f.rel]) if f.rel in known else None for f in files]},
+                    schema=pa.schema([("rel", pa.string()), ("slide", pa.string()), ("path", pa.string()), ("prior", pa.binary())]))
 
 
 _TIMINGS = tuple(new_timings())
+
+
+def _result_schema(pa):
+    """Fixed column types: a block whose column is all None (no field skipped, say) stays typed."""
+    text, count, real = pa.string(), pa.int64(), pa.float64()
+    return pa.schema([("rel", text), ("size", count), ("mtime_ns", count), ("sha256", text), ("error", text),
+                      ("skip", text), ("focus", real), ("brightness", real), ("height", count), ("width", count),
+                      ("dets", pa.binary()), *[(f"t_{k}", real) for k in _TIMINGS], ("engine", text), ("device_name", text)])
 
 
 def _result_table(pa, group: list[tuple], timings: dict, engine):
@@ -62,10 +71,10 @@ def _result_table(pa, group: list[tuple], timings: dict, engine):
         "focus": [p.quality[0] if p.quality else None for p in ps],
         "brightness": [p.quality[1] if p.quality else None for p in ps],
         "height": [h for h, _ in hws], "width": [w for _, w in hws],
-        "dets": pa.array([d for _, _, d in group], pa.binary()),
+        "dets": [d for _, _, d in group],
         **{f"t_{k}": [timings[k] / max(1, n)] * n for k in _TIMINGS},
         "engine": [engine.name] * n, "device_name": [engine.device_name] * n,
-    })
+    }, schema=_result_schema(pa))
 
 
 class FieldActor:

@@ -140,3 +140,24 @@ def test_bench_runs_each_engine_with_each_executor(ray_address):
     assert rows[0]["model_only_img_s"] == rows[1]["model_only_img_s"]     # the engine's, measured once
     # Batch 1: the Ray executor's blocks are 8 fields, so 2 come after its first block.
     assert all(r["end_to_end_img_s"] > 0 and r["steady_img_s"] > 0 for r in rows)
+
+
+def test_what_crosses_ray_is_plain_arrow_columns():
+    """Ray pickles a column it cannot type as Arrow (its Python-object extension) row by row into the
+    object store and spills it: the work and the results are strings, integers, floats and bytes only."""
+    import pyarrow as pa
+
+    from bccd_batch.batches import Prepared, new_timings
+    from bccd_batch.discover import ImageFile
+    from bccd_batch.ray_pool import _fields_table, _result_table
+
+    files = [ImageFile("s/a.jpg", "s", "/x/s/a.jpg"), ImageFile("s/b.jpg", "s", "/x/s/b.jpg")]
+    work = _fields_table(pa, files, {"s/a.jpg": (10, 5, "ab" * 32, "ok", None, "m" * 64)})
+    ok = Prepared(files[0], size=10, mtime_ns=5, sha256="ab" * 32, quality=(1.5, 0.6))
+    bad = Prepared(files[1], size=3, mtime_ns=6, sha256="cd" * 32, error="not a recognised image format")
+    engine = type("Engine", (), {"name": "torch-eager-fp32", "device_name": "cpu"})
+    result = _result_table(pa, [(ok, (480, 640), b"\x00" * 24), (bad, None, None)], new_timings(), engine)
+    plain = (pa.types.is_string, pa.types.is_binary, pa.types.is_integer, pa.types.is_floating)
+    for table in (work, result):
+        assert all(any(is_(f.type) for is_ in plain) for f in table.schema), table.schema
+    assert result.column("error").to_pylist() == [None, "not a recognised image format"]
