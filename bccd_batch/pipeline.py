@@ -148,7 +148,7 @@ def run(opts: RunOptions, log=print) -> RunResult:
             if opts.executor == "ray":
                 from .ray_pool import RayPool
 
-                with RayPool(opts, log, opts.ray_address) as workers:
+                with RayPool(opts, log) as workers:
                     return _run_locked(workers.opts, out, store, workers, log, "off")
             devices = worker_devices(parse_devices(opts.device, log), opts.workers_per_device)
             opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))

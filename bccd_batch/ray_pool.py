@@ -22,13 +22,12 @@ from .backends import EngineError
 from .batches import Prepared, decoded_groups, new_timings
 from .discover import ImageFile
 from .model import ModelError, read_card
-from .workers import decode_threads
+from .workers import WORKERS_PER_GPU, decode_threads
 
 if TYPE_CHECKING:
     from .pipeline import RunOptions
 
 INSTALL = "pip install 'bccd-batch[ray]'"
-GPU_ACTORS_PER_GPU = 3      # as the local executor's workers per GPU (workers.worker_devices)
 
 
 def import_ray():
@@ -138,7 +137,7 @@ def _engine_error(e: BaseException) -> str | None:
 
 def _quiet(ray) -> None:
     """A nightly log says what needs attention: Ray Data's progress and plan go to its own log file
-    (the session's ray-data.log), only its warnings to stderr."""
+    (ray-data.log in Ray's log folder), only its warnings to stderr."""
     ray.data.DataContext.get_current().print_on_execution_start = False
     for h in logging.getLogger("ray.data").handlers:
         if not isinstance(h, logging.FileHandler):
@@ -148,9 +147,9 @@ def _quiet(ray) -> None:
 class RayPool:
     """The local WorkerPool's interface (card, name, device, timings, memory, groups) over Ray actors."""
 
-    def __init__(self, opts: RunOptions, log, address: str | None = None):
+    def __init__(self, opts: RunOptions, log):
         self.ray = import_ray()
-        self.opts, self.log, self.address = opts, log, address
+        self.opts, self.log = opts, log
         self.card = read_card(opts.model_dir)
         self.started_here = False
 
@@ -160,31 +159,30 @@ class RayPool:
         if not ray.is_initialized():
             # ray.init makes SIGTERM exit with code 15; the CLI's handler (exit 143) is put back.
             on_sigterm = signal.getsignal(signal.SIGTERM)
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             signal.signal(signal.SIGTERM, on_sigterm)
             self.started_here = True
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cluster = ray.cluster_resources()
+        gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
         want_gpu = self.opts.device != "cpu" and gpus > 0
         if self.opts.device.startswith("cuda") and not gpus:
             self.log(f"{self.opts.device} requested but the Ray cluster has no GPU: running on CPUs")
         import torch
 
         self.threads = torch.get_num_threads()      # this host's default, as a local worker's
-        per_gpu = self.opts.workers_per_device or GPU_ACTORS_PER_GPU
+        per_gpu = self.opts.workers_per_device or WORKERS_PER_GPU
         if want_gpu:
             self.actors, self.resources = gpus * per_gpu, {"num_gpus": 1 / per_gpu, "num_cpus": 1}
         else:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
             self.actors = self.opts.workers_per_device or max(1, cpus // self.threads)
-            self.resources = {"num_cpus": min(self.threads, cpus)}
+            self.resources = {"num_cpus": max(1, min(self.threads, cpus))}
         self.kind = "cuda" if want_gpu else "cpu"
         self.device = ",".join([self.kind] * self.actors)     # per engine, as the local pool's
         # Decode threads per actor as a local worker's: its host's cores shared over its actors there.
         self.opts = dataclasses.replace(self.opts, decode_workers=self.opts.decode_workers or decode_threads(per_gpu if want_gpu else 1))
         self.name, self.device_name = "ray", ""
         self.timings, self.memory = new_timings(), []
-        self.log(f"ray: {self.actors} {self.kind.upper()} actors on a cluster of "
-                 f"{int(ray.cluster_resources().get('CPU', 0))} CPUs and {gpus} GPUs")
+        self.log(f"ray: {self.actors} {self.kind.upper()} actors on a cluster of {cpus} CPUs and {gpus} GPUs")
         return self
 
     def __exit__(self, *exc):

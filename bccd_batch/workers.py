@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from .pipeline import RunOptions
 
 
+WORKERS_PER_GPU = 3     # worker processes (or Ray actors) sharing one GPU by default
+
+
 def worker_devices(devices: list[str], per_device: int | None = None) -> list[str]:
     """One entry per worker process. By default three per GPU: a worker's decode threads and engine
     glue share one GIL and leave its GPU idle between batches, which the other workers' batches
@@ -33,7 +36,7 @@ def worker_devices(devices: list[str], per_device: int | None = None) -> list[st
     on the CPU, where torch already spreads one worker over every core."""
     if per_device is None:
         gpus = torch.cuda.is_available() and all(names_gpu(d) for d in devices)
-        per_device = 3 if gpus else 1
+        per_device = WORKERS_PER_GPU if gpus else 1
     return [d for d in devices for _ in range(per_device)]
 
 
