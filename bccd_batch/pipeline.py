@@ -149,7 +149,7 @@ def run(opts: RunOptions, log=print) -> RunResult:
                 from .ray_pool import RayPool
 
                 with RayPool(opts, log) as workers:
-                    return _run_locked(workers.opts, out, store, workers, log, "off")
+                    return _run_locked(workers.opts, out, store, workers, log, workers.mps)
             devices = worker_devices(parse_devices(opts.device, log), opts.workers_per_device)
             opts = dataclasses.replace(opts, decode_workers=opts.decode_workers or decode_threads(len(devices)))
             mps = mps_for_workers(log) if opts.mps and mps_wanted(devices) else contextlib.nullcontext("off")

@@ -11,8 +11,10 @@ nvJPEG on a GPU), so images never enter the object store: only detections and fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import pickle
 import re
 import signal
@@ -22,6 +24,7 @@ from .backends import EngineError
 from .batches import Prepared, decoded_groups, new_timings
 from .discover import ImageFile
 from .model import ModelError, read_card
+from .mps import mps_for_workers, wanted as mps_wanted
 from .workers import WORKERS_PER_GPU, decode_threads
 
 if TYPE_CHECKING:
@@ -152,14 +155,25 @@ class RayPool:
         self.opts, self.log = opts, log
         self.card = read_card(opts.model_dir)
         self.started_here = False
+        self.mps, self.cleanup = "off", contextlib.ExitStack()
 
     def __enter__(self):
         ray = self.ray
         _quiet(ray)
+        per_gpu = self.opts.workers_per_device or WORKERS_PER_GPU
         if not ray.is_initialized():
+            local_cluster = self.opts.ray_address is None and "RAY_ADDRESS" not in os.environ
+            if local_cluster and self.opts.mps and self.opts.device != "cpu" and mps_wanted(["cuda"] * per_gpu):
+                # The cluster started here inherits this process's environment, so its actors sharing
+                # a GPU do so under MPS as local workers do; on a cluster MPS is the operator's (docs/ray.md).
+                self.mps = self.cleanup.enter_context(mps_for_workers(self.log))
             # ray.init makes SIGTERM exit with code 15; the CLI's handler (exit 143) is put back.
             on_sigterm = signal.getsignal(signal.SIGTERM)
-            ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+            try:
+                ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+            except BaseException:
+                self.cleanup.close()
+                raise
             signal.signal(signal.SIGTERM, on_sigterm)
             self.started_here = True
         cluster = ray.cluster_resources()
@@ -170,7 +184,6 @@ class RayPool:
         import torch
 
         self.threads = torch.get_num_threads()      # this host's default, as a local worker's
-        per_gpu = self.opts.workers_per_device or WORKERS_PER_GPU
         if want_gpu:
             self.actors, self.resources = gpus * per_gpu, {"num_gpus": 1 / per_gpu, "num_cpus": 1}
         else:
@@ -188,6 +201,7 @@ class RayPool:
     def __exit__(self, *exc):
         if self.started_here:
             self.ray.shutdown()
+        self.cleanup.close()        # MPS quits after the actors, its clients, are gone
         return False
 
     def groups(self, files: list[ImageFile], known: dict, work_list, stop):
