@@ -3,6 +3,7 @@ torch stages on the CPU (exact), the ONNX graphs that TensorRT consumes through 
 (numerically), TensorRT and the compiled engine where they can run."""
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -118,13 +119,18 @@ def test_tensorrt_engine_matches_eager(setup, tmp_path, monkeypatch):
     _assert_same_detections(eng.infer(images), ref, box_tol=0.5)
 
 
-def _compiled_counts_match(images, ref):
+def _compiled_counts_match(images, ref, threshold=0.6, band=0.005):
+    """Images whose per-class counts at `threshold` agree with eager's, a detection scoring within
+    `band` of it counting on either side: fp16 moves scores by up to ~0.003 (docs/benchmarks.md), so
+    a detection on the threshold may fall either way, one further from it may not."""
     from bccd_batch.backends.split_engine import SplitEngine
 
     eng = SplitEngine(MODEL, "cuda", 4, "compiled", "fp16")
     got = eng.infer(images)
-    counts = lambda dets: sorted(d[0] for d in dets if d[1] >= 0.6)
-    return eng, sum(1 for g, r in zip(got, ref) if counts(g) == counts(r))
+    counts = lambda dets, t: Counter(d[0] for d in dets if d[1] >= t)
+    # Counter <= Counter: every class's count at most the other's
+    agree = lambda a, b: counts(a, threshold + band) <= counts(b, threshold - band)
+    return eng, sum(1 for g, r in zip(got, ref) if agree(g, r) and agree(r, g))
 
 
 @pytest.mark.gpu
@@ -133,7 +139,7 @@ def test_compiled_engine_matches_eager(setup):
         pytest.skip("needs a CUDA GPU")
     model, images, ref = setup
     _, same = _compiled_counts_match(images, ref)
-    FIGURES.append(f"engines: compiled fp16 gave identical per-image counts on {same}/{len(images)} images")
+    FIGURES.append(f"engines: compiled fp16 counts agreed with eager's (±0.005 at the threshold) on {same}/{len(images)} images")
     assert same == len(images)
 
 
