@@ -91,6 +91,7 @@ class _Builder:
         self.records: dict[str, dict] = {}
         self.warnings: list[str] = []
         self.unknown: dict[str, int] = {}
+        self.seen: dict[str, set] = {}       # per record key: its boxes so far
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -134,7 +135,15 @@ class _Builder:
         if x1 - x0 <= 0 or y1 - y0 <= 0:
             self.warn(f"{where}: zero-area {cls} box ({x0:g},{y0:g},{x1:g},{y1:g}), box dropped")
             return
-        rec["boxes"].append((cls, x0, y0, x1, y1))
+        box = (cls, x0, y0, x1, y1)
+        seen = self.seen.setdefault(rec["file_name"], set())
+        if box in seen:
+            # Two cells never share a box to the last digit: the same label written twice, which
+            # would count one cell twice and leave a "missed" cell no detector can find.
+            self.warn(f"{where}: repeats an earlier {cls} box of this field exactly, box dropped")
+            return
+        seen.add(box)
+        rec["boxes"].append(box)
 
     def result(self, image_root: Path | None = None, splits: dict[str, list[str]] | None = None) -> LabelSet:
         for name, n in sorted(self.unknown.items()):

@@ -37,6 +37,22 @@ def test_csv_validation(tmp_path):
         assert needle in text
 
 
+def test_a_box_written_twice_is_one_cell(tmp_path):
+    """An exact repeat of a box in the same field (class and coordinates) is dropped with a warning
+    naming its line; a box that differs in one coordinate is another cell."""
+    p = tmp_path / "l.csv"
+    p.write_text("filename,width,height,class,xmin,ymin,xmax,ymax\n"
+                 "a.jpg,640,480,RBC,10,10,50,50\n"
+                 "b.jpg,640,480,RBC,10,10,50,50\n"      # the same box in another field
+                 "a.jpg,640,480,RBC,10,10,50,50\n"      # repeated: dropped
+                 "a.jpg,640,480,WBC,10,10,50,50\n"      # the same box, another class
+                 "a.jpg,640,480,RBC,10,10,50,51\n")
+    labels = read_labels(p)
+    assert labels.records["a.jpg"]["boxes"] == [("RBC", 10, 10, 50, 50), ("WBC", 10, 10, 50, 50), ("RBC", 10, 10, 50, 51)]
+    assert labels.records["b.jpg"]["boxes"] == [("RBC", 10, 10, 50, 50)]
+    assert [w for w in labels.warnings if "repeats" in w] == ["l.csv:4 (a.jpg): repeats an earlier RBC box of this field exactly, box dropped"]
+
+
 def test_coco_json(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({
@@ -103,7 +119,8 @@ def test_yolo_folder(tmp_path):
         "3 0.5 0.5 0.1 0.1\n"            # a class that is no blood cell here
         "2 0.5 0.5 0.1 0.1 0.9\n"        # too many fields
         "\n"
-        "2 0.25 0.25 0.1 0.1\n")         # platelet
+        "2 0.25 0.25 0.1 0.1\n"          # platelet
+        "2 0.25 0.25 0.1 0.1\n")         # the same platelet again: dropped
     (tmp_path / "labels" / "b.txt").write_bytes(b"\xff\xfe\x00garbage")
     (tmp_path / "splits").mkdir()
     (tmp_path / "splits" / "val.txt").write_text("a.png\n")
@@ -116,7 +133,7 @@ def test_yolo_folder(tmp_path):
     assert a["boxes"][0][1:] == pytest.approx((40, 30, 60, 50)) and a["boxes"][1][1:] == pytest.approx((0, 0, 30, 24))
     text = "\n".join(labels.warnings)
     for needle in ["a.txt:2: box reaches outside", "a.txt:3: class id 7", "a.txt:4: not `class cx cy w h`",
-                   "a.txt:5: not", "a.txt:7: not", "unknown class 'sickle cell'", "b.txt: unreadable",
+                   "a.txt:5: not", "a.txt:7: not", "a.txt:10: repeats an earlier Platelets box", "unknown class 'sickle cell'", "b.txt: unreadable",
                    "1 images have no label file"]:
         assert needle in text, needle
     assert len(read_labels(tmp_path, tmp_path / "splits" / "val.txt").records) == 1
