@@ -78,7 +78,8 @@ def end_to_end(folder: Path, out: Path, model_dir: Path, engine: str, device: st
     # inside the run (actors start with the plan), the local one before the run's clock starts.
     first = timings["first_group_seconds"]
     after_first = res.info["images"]["new"] - timings["first_group_fields"]
-    steady = round(after_first / (timings["wall_seconds"] - first), 1) if after_first > 0 else "-"   # one group: no steady state
+    span = timings["wall_seconds"] - first      # 0 where the last group came back with the first
+    steady = round(after_first / span, 1) if after_first > 0 and span > 0 else "-"   # one group: no steady state
     # Summed over workers, so divide by their number to get the share of each engine's run.
     workers = res.info["device"].split(",")
     n_dev = len(workers)
