@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 from typing import TYPE_CHECKING
 
 from .backends import EngineError
@@ -41,6 +42,21 @@ def import_ray():
     except ImportError:
         raise EngineError(f"--executor ray needs Ray Data: {INSTALL}") from None
     return ray
+
+
+def _reachable(address: str | None, timeout: float = 5.0) -> None:
+    """An EngineError, within `timeout`, where nothing answers at a HOST:PORT or ray://HOST:PORT address:
+    ray.init would otherwise retry for minutes before it gives up."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return      # not HOST:PORT: ray.init says what it makes of it
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise EngineError(f"no Ray cluster answers at {address} ({e.strerror or e}): "
+                          "start it (docs/ray.md) or leave --ray-address unset for a cluster of this host") from None
 
 
 def _fields_table(pa, files: list[ImageFile], known: dict):
@@ -158,6 +174,13 @@ class RayPool:
         self.mps, self.cleanup = "off", contextlib.ExitStack()
 
     def __enter__(self):
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)     # a cluster or MPS daemon started here does not outlive it
+            raise
+
+    def _start(self):
         ray = self.ray
         _quiet(ray)
         per_gpu = self.opts.workers_per_device or WORKERS_PER_GPU
@@ -169,11 +192,11 @@ class RayPool:
                 self.mps = self.cleanup.enter_context(mps_for_workers(self.log))
             # ray.init makes SIGTERM exit with code 15; the CLI's handler (exit 143) is put back.
             on_sigterm = signal.getsignal(signal.SIGTERM)
+            _reachable(self.opts.ray_address)
             try:
                 ray.init(address=self.opts.ray_address, log_to_driver=False, logging_level=logging.WARNING)
-            except BaseException:
-                self.cleanup.close()
-                raise
+            except (ConnectionError, RuntimeError, ValueError) as e:     # no cluster at `auto`, a bad address
+                raise EngineError(f"cannot join the Ray cluster ({self.opts.ray_address or 'RAY_ADDRESS'}): {e}") from None
             signal.signal(signal.SIGTERM, on_sigterm)
             self.started_here = True
         cluster = ray.cluster_resources()

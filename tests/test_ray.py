@@ -3,6 +3,7 @@ store rows as the local executor, bad files recorded, a driver interrupt resumed
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -123,6 +124,17 @@ def test_executor_ray_without_ray_installed_is_a_usage_error_with_the_install_co
     p = cli("run", slides, "--out", tmp_path / "out", "--executor", "ray", env={"PYTHONPATH": str(shadow)})
     assert p.returncode == 2 and "pip install 'bccd-batch[ray]'" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_nobody_runs_is_a_usage_error_within_seconds(tmp_path, slides):
+    """Nothing answers at the address (ray.init would retry for minutes): exit 2 naming it, nothing stored."""
+    with socket.socket() as s:      # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    p = cli("run", slides, "--out", tmp_path / "out", "--executor", "ray", "--ray-address", f"127.0.0.1:{port}", "--device", "cpu")
+    assert p.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in p.stderr, p.stderr
+    assert time.monotonic() - t < 60 and not (tmp_path / "out" / "latest").exists()
 
 
 @pytest.mark.slow
