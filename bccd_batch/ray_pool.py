@@ -46,14 +46,14 @@ def import_ray():
 
 def _reachable(address: str | None, timeout: float = 5.0) -> None:
     """An EngineError, within `timeout`, where nothing answers at a HOST:PORT or ray://HOST:PORT address:
-    ray.init would otherwise retry for minutes before it gives up."""
+    ray.init would otherwise go on retrying for minutes."""
     if not address or address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return      # not HOST:PORT: ray.init says what it makes of it
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()     # [::1]:10001 too
     except OSError as e:
         raise EngineError(f"no Ray cluster answers at {address} ({e.strerror or e}): "
                           "start it (docs/ray.md) or leave --ray-address unset for a cluster of this host") from None
