@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable
+from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile
-from .backends import field_hw, one_ahead, submit
+from .backends import field_hw, one_ahead, select_engine, submit
 from .model import Uploads
 from .quality import measure_device, measure_host
 from .store import pack_detections
@@ -124,6 +124,19 @@ def _submitted(prepared, engine, batch_size: int, timings: dict, stop, uploads: 
             batch, done = [], []
     if batch or done:
         yield _submit_group(engine, batch, done, timings, uploads)
+
+
+def start_engine(opts: RunOptions, device: str, log):
+    """A device worker's (or Ray actor's) engine, compiled before its first field where it compiles,
+    and whether its JPEGs go to nvJPEG (`decoded_groups`'s `on_device`)."""
+    engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=log, precision=opts.precision)
+    if hasattr(engine, "warm_up"):      # GPU engines: compile before the run's clock starts
+        engine.warm_up()
+    on_device = opts.gpu_decode and engine.device.startswith("cuda")
+    if on_device and (problem := device_decoder_problem(engine.device)):
+        log(f"JPEGs decoded on the CPU: nvJPEG cannot be used ({problem})")
+        on_device = False
+    return engine, on_device
 
 
 def decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: False, on_device: bool = False):

@@ -22,7 +22,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .backends import EngineError
-from .batches import Prepared, decoded_groups, new_timings
+from .batches import Prepared, decoded_groups, new_timings, start_engine
 from .discover import ImageFile
 from .model import ModelError, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
@@ -101,20 +101,12 @@ class FieldActor:
     def __init__(self, opts: RunOptions, device: str, threads: int):
         import torch
 
-        from .backends import select_engine
-        from .decode import device_decoder_problem
-
         # Ray sets OMP_NUM_THREADS to the actor's CPUs; the local executor's thread count keeps the
         # eager engine's float sums, and so its detections, the same.
         torch.set_num_threads(threads)
         self.opts, self.problem = opts, None
         try:
-            self.engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size, log=lambda m: None,
-                                        precision=opts.precision)
-            if hasattr(self.engine, "warm_up"):
-                self.engine.warm_up()
-            self.on_device = opts.gpu_decode and self.engine.device.startswith("cuda") \
-                and device_decoder_problem(self.engine.device) is None
+            self.engine, self.on_device = start_engine(opts, device, log=lambda m: None)
         except (EngineError, ModelError) as e:
             self.problem = str(e)      # raised with the first block, so the driver says why and stops
 

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .decode import device_decoder_problem
 from .discover import ImageFile
-from .backends import EngineError, names_gpu, select_engine
+from .backends import EngineError, names_gpu
 from .model import ModelError, read_card
-from .batches import decoded_groups, new_timings
+from .batches import decoded_groups, new_timings, start_engine
 
 if TYPE_CHECKING:
     from .pipeline import RunOptions
@@ -122,14 +121,7 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
             abandon()
 
     try:
-        engine = select_engine(opts.engine, device, opts.model_dir, opts.batch_size,
-                               log=lambda m: send(("log", device, m)), precision=opts.precision)
-        if hasattr(engine, "warm_up"):      # GPU engines: compile before the run's clock starts
-            engine.warm_up()
-        on_device = opts.gpu_decode and engine.device.startswith("cuda")
-        if on_device and (problem := device_decoder_problem(engine.device)):
-            send(("log", device, f"JPEGs decoded on the CPU: nvJPEG cannot be used ({problem})"))
-            on_device = False
+        engine, on_device = start_engine(opts, device, log=lambda m: send(("log", device, m)))
         send(("ready", device, engine.name, engine.device_name, engine.device))
         timings = new_timings()
         memory = {"rss_mb_first_group": None, "rss_mb_end": None}
