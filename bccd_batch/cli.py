@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, no_args_is_help=T
                   help="Count RBC, WBC and platelets in folders of blood-smear images, score and report.")
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bccd"
+EXECUTORS = ("local", "ray")     # `run --executor`, `bench --executors`
 
 
 def default_model_dir() -> Path:
@@ -268,7 +269,7 @@ def run(
     for name, factor in (("--platelet-factor", platelet_factor), ("--wbc-factor", wbc_factor)):
         if factor is not None and not factor > 0:
             raise _fail(f"{name} must be a positive number, not {factor}")
-    if executor not in ("local", "ray"):
+    if executor not in EXECUTORS:
         raise _fail(f"--executor must be local or ray, not {executor!r}")
     if executor == "ray":
         _need_ray()
@@ -448,7 +449,7 @@ def bench(
     except ValueError:
         raise _fail(f"--engines takes engine:batch pairs separated by commas (torch:8,compiled:32), not {engines!r}")
     chosen = tuple(x.strip() for x in executors.split(","))
-    if not chosen or not set(chosen) <= {"local", "ray"}:
+    if not chosen or not set(chosen) <= set(EXECUTORS):
         raise _fail(f"--executors takes local and/or ray, comma-separated, not {executors!r}")
     if "ray" in chosen:
         _need_ray()
