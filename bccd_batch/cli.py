@@ -57,8 +57,6 @@ def train(
     val_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Seeded share of val fields of a dataset without a val split list."),
     pseudo_labels: str = typer.Option("labels", help="A complete-labels dataset's teacher boxes (its pseudo.csv): 'labels' "
                                                      "trains on them as cells, 'ignore' as regions neither cell nor background."),
-    class_only: list[Path] = typer.Option([], help="One of the --data datasets whose boxes teach class but not box edges "
-                                                   "(drawn to another convention than the first dataset's); repeat for several."),
     out: Path = typer.Option(Path("train-out"), help="Checkpoints, history.json and TensorBoard events."),
     epochs: int = typer.Option(200, min=1),
     batch_size: int = typer.Option(16, min=1),
@@ -104,13 +102,11 @@ def train(
         raise _fail(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     if pseudo_labels not in PSEUDO_USES:
         raise _fail(f"--pseudo-labels must be one of {', '.join(PSEUDO_USES)}, not {pseudo_labels!r}")
-    if stray := [str(p) for p in class_only if p.resolve() not in {d.resolve() for d in data}]:
-        raise _fail(f"--class-only names datasets not given with --data: {', '.join(stray)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        training_data = load_training_data(data, train_split, val_split, val_fraction, seed, pseudo_labels, class_only, log=log)
+        training_data = load_training_data(data, train_split, val_split, val_fraction, seed, pseudo_labels, log=log)
     except LabelError as e:
         raise _fail(str(e))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,

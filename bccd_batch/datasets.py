@@ -8,9 +8,6 @@ A dataset may carry `sources.csv` (`file,source,...`) naming where each field co
 BCCD and PBC fields); its metrics are then reported per source. One written by `complete-labels`
 carries `pseudo.csv`, the teacher's boxes among its labels: trained on as labels, or kept apart as
 ignore regions (`record["ignore"]`), which training counts neither as cells nor as background.
-A dataset whose boxes follow another labelling's convention (BCCD's XML boxes beside complete labels'
-tighter ones) can be trained for its classes only (`record["class_only"]`): its cells are found and
-classified, but no box regression is learned from its edges.
 """
 
 from __future__ import annotations
@@ -125,18 +122,13 @@ def pixel_hash(pixels: np.ndarray) -> str:
 
 
 def load_training_data(paths: list[Path], train_split: str = "train", val_split: str = "val",
-                       val_fraction: float = 0.2, seed: int = 0, pseudo: str = "labels",
-                       class_only: list[Path] = (), log=print) -> TrainingData:
+                       val_fraction: float = 0.2, seed: int = 0, pseudo: str = "labels", log=print) -> TrainingData:
     """Read, decode and split every dataset in `paths`. Where two datasets label the same pixels,
     the one given first wins (give the most complete labels first) and the field appears once; a
     field that is val in any of them is val, so no val field is ever trained on. `pseudo`: what a
-    dataset's teacher boxes (pseudo.csv) are, one of PSEUDO_USES. `class_only`: those of `paths`
-    whose training boxes teach class but not box edges."""
+    dataset's teacher boxes (pseudo.csv) are, one of PSEUDO_USES."""
     if pseudo not in PSEUDO_USES:
         raise ValueError(f"pseudo must be one of {PSEUDO_USES}, not {pseudo!r}")
-    loose = {Path(p).resolve() for p in class_only}
-    if stray := loose - {Path(p).resolve() for p in paths}:
-        raise ValueError(f"class-only datasets must be among the datasets trained on: {', '.join(map(str, sorted(stray)))}")
     warnings: list[str] = []
     summary: dict[str, dict] = {}
     by_hash: dict[str, tuple[Field, bool]] = {}
@@ -152,10 +144,8 @@ def load_training_data(paths: list[Path], train_split: str = "train", val_split:
         origin = read_sources(path)
         teacher = read_pseudo(path) if pseudo == "ignore" else {}
         warnings += [f"{name}: {w}" for w in labels.warnings]
-        boxes_class_only = path.resolve() in loose
         stats = {"path": str(path), "split": how, "train": 0, "val": 0, "duplicates_dropped": 0, "unusable": 0,
-                 **({"ignore_regions": sum(map(len, teacher.values()))} if teacher else {}),
-                 **({"boxes": "class only"} if boxes_class_only else {})}
+                 **({"ignore_regions": sum(map(len, teacher.values()))} if teacher else {})}
         for key, is_val in [(k, False) for k in train_keys] + [(k, True) for k in val_keys]:
             try:
                 pixels = decode_file(root / key)
@@ -164,8 +154,6 @@ def load_training_data(paths: list[Path], train_split: str = "train", val_split:
                 stats["unusable"] += 1
                 continue
             rec = without_pseudo(labels.records[key], teacher[key]) if key in teacher else labels.records[key]
-            if boxes_class_only:
-                rec = {**rec, "class_only": True}
             h = pixel_hash(pixels)
             if is_val:
                 seen_val.add(h)
@@ -182,7 +170,6 @@ def load_training_data(paths: list[Path], train_split: str = "train", val_split:
         summary[field.key.split("/", 1)[0]][part] += 1
     for name, s in summary.items():
         log(f"{name}: {s['train']} train + {s['val']} val fields ({s['split']}); {s['duplicates_dropped']} "
-            f"fields already labelled by an earlier dataset dropped, {s['unusable']} unusable"
-            f"{'; boxes trained for class only' if 'boxes' in s else ''}")
+            f"fields already labelled by an earlier dataset dropped, {s['unusable']} unusable")
     return TrainingData(train, val, warnings, summary)
 

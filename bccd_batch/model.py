@@ -42,24 +42,6 @@ WEIGHTS_NAME = "model.safetensors"
 # torchvision's RoI matching, which gives a proposal the label of the box it overlaps most).
 IGNORE_LABEL = -1
 
-# A box trained for its class only has its class's label + CLASS_ONLY: its cell is an object to find
-# and classify, but its edges follow another labelling's convention (BCCD's XML boxes beside the
-# complete labels' tighter ones), so no box regression is learned from it (its targets are NaN,
-# which `_without_nan_targets` turns into no loss).
-CLASS_ONLY = 8
-
-
-def class_only_boxes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the labels with CLASS_ONLY taken off, which of them were class-only)."""
-    flagged = labels > CLASS_ONLY
-    return torch.where(flagged, labels - CLASS_ONLY, labels), flagged
-
-
-def _without_nan_targets(targets: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-    """Regression targets whose NaN rows (a class-only box's) are the deltas predicted for them:
-    smooth L1 then adds no loss and no gradient there, and the loss keeps its normalisation."""
-    return torch.where(targets.isnan(), predicted.detach().to(targets.dtype), targets)
-
 
 class ModelError(Exception):
     """A model card or weights file that cannot be used; the message says why."""
@@ -225,27 +207,17 @@ class IgnoreRegionsRPN(RegionProposalNetwork):
     """torchvision's RPN whose training targets may hold ignore regions (label IGNORE_LABEL): they
     are matched as no object, and an anchor that would be background but overlaps one as much as
     it would need to be left out next to a labelled cell (IoU >= the background threshold) is left
-    out of the sample. Class-only boxes (CLASS_ONLY) are objects whose anchors learn no box
-    regression. Without either it is torchvision's RPN."""
+    out of the sample. Without ignore regions it is torchvision's RPN."""
 
     def assign_targets_to_anchors(self, anchors, targets):
         objects = [{"boxes": t["boxes"][t["labels"] != IGNORE_LABEL]} for t in targets]
         labels, matched = super().assign_targets_to_anchors(anchors, objects)
-        for lab, m, a, t in zip(labels, matched, anchors, targets):
+        for lab, a, t in zip(labels, anchors, targets):
             ignore = t["boxes"][t["labels"] == IGNORE_LABEL]
             if len(ignore):
                 near = box_iou(a, ignore).amax(1) >= self.proposal_matcher.low_threshold
                 lab[near & (lab == 0)] = -1.0
-            loose = t["boxes"][class_only_boxes(t["labels"])[1]]
-            if len(loose):
-                # Only positive anchors regress; torchvision returns the matched box, not its index.
-                pos = torch.where(lab == 1)[0]
-                m[pos[(m[pos, None, :] == loose[None]).all(-1).any(1)]] = float("nan")
         return labels, matched
-
-    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
-        return super().compute_loss(objectness, pred_bbox_deltas, labels,
-                                    [_without_nan_targets(torch.cat(regression_targets), pred_bbox_deltas)])
 
 
 def _box_head(cfg: ModelConfig) -> FastRCNNConvFCHead:
@@ -281,13 +253,11 @@ class CascadeRoIHeads(RoIHeads):
         losses, probs = {}, []
         for k, h in enumerate(heads):
             if self.training:
-                proposals, labels, regression_targets = training_samples(h, proposals, targets)
+                proposals, _, labels, regression_targets = h.select_training_samples(proposals, targets)
             logits, deltas = h.box_predictor(h.box_head(self.box_roi_pool(features, proposals, image_shapes)))
             if self.training:
                 w = 1.0 if k == 0 else self.STAGE_LOSS_WEIGHTS[k - 1]
-                labelled = torch.cat(labels)
-                own = deltas.detach().reshape(len(labelled), -1, 4)[torch.arange(len(labelled)), labelled.clamp(min=0)]
-                cls_loss, box_loss = fastrcnn_loss(logits, deltas, labels, [_without_nan_targets(torch.cat(regression_targets), own)])
+                cls_loss, box_loss = fastrcnn_loss(logits, deltas, labels, regression_targets)
                 losses[f"loss_classifier{k or ''}"], losses[f"loss_box_reg{k or ''}"] = w * cls_loss, w * box_loss
             else:
                 probs.append(torch.softmax(logits, -1))
@@ -296,6 +266,7 @@ class CascadeRoIHeads(RoIHeads):
                 # positive in training, else the most likely foreground class), not learned through.
                 cls = logits[:, 1:].argmax(1) + 1
                 if self.training:
+                    labelled = torch.cat(labels)
                     cls = torch.where(labelled > 0, labelled, cls)
                 boxes = h.box_coder.decode(deltas.detach().float(), proposals)[torch.arange(len(cls)), cls]
                 proposals = [clip_boxes_to_image(b, hw) for b, hw in zip(boxes.split([len(p) for p in proposals]), image_shapes)]
@@ -305,18 +276,6 @@ class CascadeRoIHeads(RoIHeads):
         # softmax is that mean.
         boxes, scores, labels = self.postprocess_detections(torch.stack(probs).mean(0).log(), deltas, proposals, image_shapes)
         return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)], {}
-
-
-def training_samples(head: RoIHeads, proposals, targets):
-    """`head.select_training_samples` for targets that may hold class-only boxes: matched as their
-    class, their positive RoIs' regression targets NaN. Returns (proposals, labels, targets)."""
-    plain = [{**t, "labels": class_only_boxes(t["labels"])[0]} for t in targets]
-    proposals, matched, labels, regression_targets = head.select_training_samples(proposals, plain)
-    for t, m, lab, r in zip(targets, matched, labels, regression_targets):
-        loose = class_only_boxes(t["labels"])[1]
-        if loose.any():
-            r[(lab > 0) & loose[m]] = float("nan")
-    return proposals, labels, regression_targets
 
 
 class ClassBalancedSampler(BalancedPositiveNegativeSampler):

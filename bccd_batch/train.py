@@ -23,7 +23,7 @@ from . import transforms as T
 from .cells import CLASSES
 from .datasets import Field, TrainingData
 from .progress import Progress
-from .model import CLASS_ONLY, IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
+from .model import IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
 
@@ -70,13 +70,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.records = {f.key: f.record for f in fields}
         for f in fields:
             img = torch.from_numpy(f.pixels).permute(2, 0, 1).contiguous()
-            # Ignore regions and class-only boxes travel with the labels through every augmentation,
-            # told apart by their label.
+            # Ignore regions travel with the labels through every augmentation, told apart by their label.
             ignore = f.record.get("ignore", []) if train else []
-            offset = CLASS_ONLY if train and f.record.get("class_only") else 0
             boxes = torch.tensor([b[1:] for b in f.record["boxes"]] + [list(b) for b in ignore], dtype=torch.float32).reshape(-1, 4)
-            cls = torch.tensor([CLASSES.index(b[0]) + 1 + offset for b in f.record["boxes"]] + [IGNORE_LABEL] * len(ignore),
-                               dtype=torch.int64)
+            cls = torch.tensor([CLASSES.index(b[0]) + 1 for b in f.record["boxes"]] + [IGNORE_LABEL] * len(ignore), dtype=torch.int64)
             self.items.append((f.key, img, boxes, cls))
         paste = {CLASSES.index("Platelets") + 1}
         self.paste_bank = [c for it in self.items for c in T.cell_crops(*it[1:], paste)] if copy_paste else []
@@ -242,8 +239,6 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
     elif ck is not None:
         # A resumed run started from whatever its first part started from.
         init_record = json.loads(ck.get("train_config", "{}")).get("init")
-    if not model_cfg.cascade_ious and any(f.record.get("class_only") for f in data.train):
-        raise ValueError("class-only boxes need the cascade's box heads (--cascade), which learn without their edges")
     model = build_model(model_cfg).to(dev)
     if init_state is not None:
         model.load_state_dict(init_state)

@@ -1,7 +1,6 @@
 """Training data from several datasets: splits, per-source names and the duplicate-pixels rule."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from bccd_batch.datasets import load_training_data, split_keys
@@ -64,19 +63,6 @@ def test_fields_two_datasets_share_are_kept_once_with_the_first_datasets_labels(
     assert [len(f.record["boxes"]) for f in swapped.train if f.key == "partial/renamed_a.png"] == [1]
     # A field that is val in any dataset is val: renamed_c is c's pixels, listed as c in complete's val.
     assert [f.key for f in swapped.val] == ["partial/renamed_c.png"]
-
-
-def test_class_only_datasets_mark_their_fields_and_must_be_trained_on(tmp_path):
-    _yolo(tmp_path / "complete", [("a.png", 1)])
-    _csv(tmp_path / "loose", [("own.png", 4)])
-    logged = []
-    data = load_training_data([tmp_path / "complete", tmp_path / "loose" / "labels.csv"], val_fraction=0.0,
-                              class_only=[tmp_path / "loose" / "labels.csv"], log=logged.append)
-    assert {f.key: f.record.get("class_only", False) for f in data.train} == {"complete/a.png": False, "loose/own.png": True}
-    assert data.summary["loose"]["boxes"] == "class only" and "boxes" not in data.summary["complete"]
-    assert any("loose: " in m and "boxes trained for class only" in m for m in logged)
-    with pytest.raises(ValueError, match="among the datasets trained on"):
-        load_training_data([tmp_path / "complete"], class_only=[tmp_path / "loose" / "labels.csv"], log=logged.append)
 
 
 def test_seeded_val_fraction_does_not_depend_on_the_order_fields_came_in():

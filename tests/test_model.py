@@ -6,7 +6,7 @@ import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from bccd_batch.backends.split import box_stages
-from bccd_batch.model import (ClassBalancedSampler, ModelConfig, ModelError, box_heads, build_model, load_model, read_card,
+from bccd_batch.model import (ClassBalancedSampler, ModelConfig, ModelError, build_model, load_model, read_card,
                               save_model)
 from conftest import MODEL
 
@@ -155,34 +155,6 @@ def test_cascade_trains_every_head_and_round_trips_through_its_card(tmp_path):
     # The split engines (compiled, ONNX, TensorRT) get one box stage per head, in the order they run.
     stages = box_stages(loaded)
     assert [s.box_head for s in stages] == [loaded.roi_heads.box_head, *(h.box_head for h in loaded.roi_heads.stages)]
-
-
-def test_class_only_boxes_teach_class_and_objectness_but_not_box_edges():
-    """A class-only box (label + CLASS_ONLY) gives the RPN and every head the same objectness and
-    classification losses as the same box labelled plainly, and no box-regression loss or gradient."""
-    from bccd_batch.model import CLASS_ONLY
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(cascade_ious=(0.6, 0.7))).train()
-    images, targets = _two_cells()
-    loose = [{**targets[0], "labels": targets[0]["labels"] + CLASS_ONLY}]
-    torch.manual_seed(1)   # the same RPN and RoI samples for both
-    plain = model(images, targets)
-    torch.manual_seed(1)
-    losses = model(images, loose)
-    regression = [k for k in losses if "box_reg" in k]
-    assert len(regression) == 4 and all(plain[k] > 0 for k in regression) and all(losses[k] == 0 for k in regression)
-    for k in set(losses) - set(regression):
-        assert torch.isfinite(losses[k]) and losses[k] > 0
-        torch.testing.assert_close(losses[k], plain[k])
-    model.zero_grad()
-    sum(losses.values()).backward()
-    deltas = [model.rpn.head.bbox_pred, *(h.box_predictor.bbox_pred for h in box_heads(model))]
-    assert all(p.grad is None or not p.grad.any() for layer in deltas for p in layer.parameters())
-    # One box of each kind: the plain one still regresses.
-    mixed = [{**targets[0], "labels": targets[0]["labels"] + torch.tensor([CLASS_ONLY, 0])}]
-    torch.manual_seed(1)
-    assert all(model(images, mixed)[k] > 0 for k in regression)
 
 
 def test_ignore_regions_are_neither_cells_nor_background():
