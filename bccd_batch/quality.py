@@ -1,11 +1,12 @@
 """Per-field image quality: two pixel measures taken when a field is decoded, and the flags that tell
 a reviewer which fields' counts not to trust unseen.
 
-The model was trained on BCCD's fields, all in focus and evenly lit; a field unlike them is counted
-wrong without any sign in its detections. Copies of 20 val fields blurred with a Gaussian of radius
+The model was trained on two labs' fields (BCCD, PBC), all in focus and evenly lit; a field unlike
+them is counted wrong without any sign in its detections. Copies of 20 val fields blurred with a Gaussian of radius
 1/2/3/4 px lost 0/8/16/24% of their counted RBCs, and copies darkened to x0.5/x0.7 or brightened to
 x1.2/x1.35 counted -20/-7/+4/+14%. The thresholds below catch those that moved counts by 7% or more
-and leave every BCCD field unflagged.
+and leave every BCCD field unflagged; PBC's 353 fields (focus 72-1349, green level 161-204, 6 or
+more RBCs counted) are none of them flagged either.
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
     """(flag, reason) pairs for one field. Fields stored before quality was measured have None."""
     flags = []
     if focus is not None and focus < MIN_FOCUS:
-        flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; BCCD fields 20.3-73.0): out of focus? "
+        flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; the training labs' fields 20.3-1349): out of focus? "
                                  "RBC counts fall as fields blur"))
     if brightness is not None and not MIN_BRIGHTNESS <= brightness <= MAX_BRIGHTNESS:
         flags.append(("too dark" if brightness < MIN_BRIGHTNESS else "too bright",
-                      f"mean green level {brightness:.0f} (BCCD fields 162-190): exposure or illumination?"))
+                      f"mean green level {brightness:.0f} (the training labs' fields 161-204): exposure or illumination?"))
     if counts["RBC"] < MIN_RBC:
-        flags.append(("few cells", f"{counts['RBC']} RBC counted (< {MIN_RBC}; every BCCD field has 4 or more): "
+        flags.append(("few cells", f"{counts['RBC']} RBC counted (< {MIN_RBC}; every training field has 4 or more): "
                                    "blank, out of focus, badly exposed or off the smear?"))
     return flags
