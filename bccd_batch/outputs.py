@@ -9,8 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .cells import CLASSES, Threshold, class_counts
-from .quality import field_flags
+from .cells import CLASSES, Threshold, class_counts, class_threshold
+from .quality import field_flags, rbc_size
 from .store import STORE_NAME, unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
@@ -58,7 +58,10 @@ def gather(store, run_id: int, root: str, count_threshold: Threshold, factors: d
     images = store.run_images(run_id, root)
     dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
     counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
-    flags = {r["rel"]: field_flags(counts[r["rel"]], r["focus"], r["brightness"]) for r in images if r["status"] == "ok"}
+    rbc_cut = class_threshold(count_threshold, "RBC")
+    flags = {r["rel"]: field_flags(counts[r["rel"]], r["focus"], r["brightness"],
+                                   rbc_size(dets[r["rel"]], rbc_cut, r["width"], r["height"]))
+             for r in images if r["status"] == "ok"}
     slides: dict[str, dict] = {}
     for r in images:
         s = slides.setdefault(r["slide"], {"slide": r["slide"], "fields": 0, "unreadable": 0, **dict.fromkeys(CLASSES, 0)})

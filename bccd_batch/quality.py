@@ -33,6 +33,12 @@ MIN_BRIGHTNESS, MAX_BRIGHTNESS = 140.0, 220.0
 # Every one of BCCD's fields has 4 or more RBCs counted; a blank field, one far over- or
 # under-exposed, or one blurred past use (radius 8 px) gave 0-2.
 MIN_RBC = 3
+# The median side of a field's counted RBCs over the field's short side: every field is resized to
+# one short side, so this is the RBC size the model sees, which the microscope's magnification sets.
+# BCCD's 292 fields 0.181-0.260 and PBC's 353 0.159-0.250, median 0.208 in both. Val fields of
+# each lab rescaled (scripts/rescaled_counts.py) measured 0.145 at x0.7 and 0.26-0.28 at x1.4 and
+# counted -8% / -1% (BCCD / PBC) and +10% / +8% of their RBCs; at x0.5 (0.11) -32% / -20%.
+MIN_RBC_SIZE, MAX_RBC_SIZE = 0.15, 0.27
 
 
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
@@ -102,8 +108,17 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float 
     return collect
 
 
-def field_flags(counts: dict[str, int], focus: float | None, brightness: float | None) -> list[tuple[str, str]]:
-    """(flag, reason) pairs for one field. Fields stored before quality was measured have None."""
+def rbc_size(dets: list[tuple], rbc_threshold: float, width: int, height: int) -> float | None:
+    """The median side (square root of the area) of a field's counted RBCs over its short side;
+    None with fewer than MIN_RBC of them, whose median says little."""
+    sides = [math.sqrt((d[4] - d[2]) * (d[5] - d[3])) for d in dets if d[0] == "RBC" and d[1] >= rbc_threshold]
+    return round(float(np.median(sides)) / min(width, height), 3) if len(sides) >= MIN_RBC else None
+
+
+def field_flags(counts: dict[str, int], focus: float | None, brightness: float | None,
+                cell_size: float | None = None) -> list[tuple[str, str]]:
+    """(flag, reason) pairs for one field. Fields stored before quality was measured have None;
+    `cell_size` is `rbc_size`'s, None where it was not measured."""
     flags = []
     if focus is not None and focus < MIN_FOCUS:
         flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; the training labs' fields 20.3-1349): out of focus? "
@@ -114,4 +129,7 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
     if counts["RBC"] < MIN_RBC:
         flags.append(("few cells", f"{counts['RBC']} RBC counted (< {MIN_RBC}; every training field has 4 or more): "
                                    "blank, out of focus, badly exposed or off the smear?"))
+    if cell_size is not None and not MIN_RBC_SIZE <= cell_size <= MAX_RBC_SIZE:
+        flags.append(("cell size", f"RBCs {cell_size:.3f} of the field's short side (the training labs' fields 0.159-0.260): "
+                                   "another magnification? RBC counts drift as cells shrink or grow"))
     return flags

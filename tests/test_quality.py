@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from bccd_batch.decode import decode_bytes, decode_file, decode_on_device
-from bccd_batch.quality import MIN_FOCUS, field_flags, measure_device, measure_host
-from conftest import FIGURES
+from bccd_batch.quality import MIN_FOCUS, field_flags, measure_device, measure_host, rbc_size
+from conftest import FIGURES, MODEL
 
 HEALTHY = {"RBC": 12, "WBC": 1, "Platelets": 1}
 
@@ -60,6 +60,36 @@ def test_a_field_too_small_for_a_laplacian_has_no_focus_and_no_warning():
 def test_few_cells_is_flagged_and_unmeasured_fields_are_not_judged():
     assert [f for f, _ in field_flags({**HEALTHY, "RBC": 2}, None, None)] == ["few cells"]
     assert field_flags(HEALTHY, None, None) == []
+
+
+def test_cell_size_is_the_median_counted_rbc_side_over_the_short_side_and_flags_outside_the_labs_range():
+    dets = [("RBC", 0.9, 0, 0, 10, 10), ("RBC", 0.5, 0, 0, 20, 20), ("RBC", 0.41, 0, 0, 30, 30),
+            ("RBC", 0.39, 0, 0, 90, 90), ("WBC", 0.99, 0, 0, 80, 80)]          # below the threshold; not an RBC
+    assert rbc_size(dets, 0.40, 200, 100) == 0.2
+    assert rbc_size(dets[1:], 0.40, 200, 100) is None                          # two RBCs: too few to say
+    assert [f for f, _ in field_flags(HEALTHY, None, None, 0.12)] == ["cell size"]
+    assert [f for f, _ in field_flags(HEALTHY, None, None, 0.30)] == ["cell size"]
+    assert field_flags(HEALTHY, None, None, 0.21) == [] and field_flags(HEALTHY, None, None, None) == []
+
+
+def test_a_field_at_another_magnification_is_flagged_for_cell_size(bccd):
+    """The default model on a BCCD field, on the same field tiled 2x2 and shrunk back to its size (cells
+    at half the size, as a lower magnification gives), and on its centre enlarged 1.6x (a higher one)."""
+    from bccd_batch.cells import class_threshold
+    from bccd_batch.model import detections_to_tuples, image_to_input, load_model
+
+    model, card = load_model(MODEL)
+    cut = class_threshold(card["thresholds"]["count"], "RBC")
+    field = Image.fromarray(decode_file(bccd / "JPEGImages" / "BloodImage_00003.jpg"))
+    w, h = field.size
+    half = Image.fromarray(np.tile(np.asarray(field), (2, 2, 1))).resize((w, h), Image.BILINEAR)
+    enlarged = field.crop((w * 3 // 16, h * 3 // 16, w - w * 3 // 16, h - h * 3 // 16)).resize((w, h), Image.BILINEAR)
+    sizes = []
+    with torch.no_grad():
+        for im in (field, half, enlarged):
+            dets = detections_to_tuples(model([image_to_input(np.array(im), torch.device("cpu"))])[0])
+            sizes.append(rbc_size(dets, cut, w, h))
+    assert [[f for f, _ in field_flags(HEALTHY, None, None, s)] for s in sizes] == [[], ["cell size"], ["cell size"]], sizes
 
 
 def test_host_measures_are_the_sampled_greens_mean_and_laplacian_variance():

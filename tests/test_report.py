@@ -181,7 +181,7 @@ def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, 
     assert re.search(r'blank.jpg</div>.*?<span class="flag" title="0 RBC counted[^"]*">few cells</span>', html, re.S)
     assert cards[1:] == sorted((r for r in near if r != cards[0]), key=lambda rel: (-near[rel], rel))
     assert cards[1:] != sorted(cards[1:])   # these five fields' uncertain counts are not in name order
-    assert 'title="1 field(s) blurred, badly exposed or with too few cells to count' in html   # slide-B's
+    assert 'title="1 field(s) blurred, badly exposed, with too few cells to count' in html   # slide-B's
     assert html.count("field(s) blurred, badly exposed") == 1   # ...and none for slide-A
     for rel in cards:
         assert re.search(rf'{re.escape(rel)}</div>.*?uncertain {near[rel]}</div>', html, re.S)
