@@ -1,11 +1,12 @@
-"""Per-field image quality: two pixel measures taken when a field is decoded, and the flags that tell
-a reviewer which fields' counts not to trust unseen.
+"""Per-field image quality: two pixel measures taken when a field is decoded, one taken from its
+detections (the RBCs' size: the magnification), and the flags that tell a reviewer which fields'
+counts not to trust unseen.
 
 The model was trained on two labs' fields (BCCD, PBC), all in focus and evenly lit; a field unlike
-them is counted wrong without any sign in its detections. Copies of 20 val fields blurred with a Gaussian of radius
-1/2/3/4 px lost 0/8/16/24% of their counted RBCs, and copies darkened to x0.5/x0.7 or brightened to
-x1.2/x1.35 counted -20/-7/+4/+14%. The thresholds below catch those that moved counts by 7% or more
-and leave every BCCD field unflagged; PBC's 353 fields (focus 72-1349, green level 161-204, 6 or
+them is counted wrong without any sign in its detections. Copies of 20 val fields blurred with a
+Gaussian of radius 1/2/3/4 px lost 0/8/16/24% of their counted RBCs, and copies darkened to
+x0.5/x0.7 or brightened to x1.2/x1.35 counted -20/-7/+4/+14%. The thresholds below catch those that
+moved counts by 7% or more and leave every BCCD field unflagged; PBC's 353 fields (focus 72-1349, green level 161-204, 6 or
 more RBCs counted) are none of them flagged either.
 """
 
