@@ -14,7 +14,7 @@ from .quality import field_flags, rbc_size
 from .store import STORE_NAME, unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
-COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, "focus", "brightness", "flags"]
+COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, "focus", "brightness", "cell_size", "flags"]
 # Estimates of a lab's blood counts: mean cells per field times the lab's own calibration factor
 # (`run --platelet-factor/--wbc-factor`); blank where the lab has configured none.
 ESTIMATED = ("Platelets", "WBC")
@@ -59,8 +59,8 @@ def gather(store, run_id: int, root: str, count_threshold: Threshold, factors: d
     dets = {r["rel"]: unpack_detections(r["detections"]) for r in images if r["status"] == "ok"}
     counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
     rbc_cut = class_threshold(count_threshold, "RBC")
-    flags = {r["rel"]: field_flags(counts[r["rel"]], r["focus"], r["brightness"],
-                                   rbc_size(dets[r["rel"]], rbc_cut, r["width"], r["height"]))
+    sizes = {r["rel"]: rbc_size(dets[r["rel"]], rbc_cut, r["width"], r["height"]) for r in images if r["status"] == "ok"}
+    flags = {r["rel"]: field_flags(counts[r["rel"]], r["focus"], r["brightness"], sizes[r["rel"]])
              for r in images if r["status"] == "ok"}
     slides: dict[str, dict] = {}
     for r in images:
@@ -79,7 +79,8 @@ def gather(store, run_id: int, root: str, count_threshold: Threshold, factors: d
             f = (factors or {}).get(c)
             s[f"{c}_estimate"] = round(s[f"{c}_per_field"] * f, 1) if f and s["fields"] else None
     totals = {c: sum(s[c] for s in slides.values()) for c in CLASSES}
-    return {"images": images, "detections": dets, "counts": counts, "flags": flags, "slides": slides, "totals": totals,
+    return {"images": images, "detections": dets, "counts": counts, "cell_sizes": sizes, "flags": flags,
+            "slides": slides, "totals": totals,
             "errors": [(r["rel"], r["error"]) for r in images if r["status"] != "ok"],
             "later": [r["rel"] for r in images if r["run_id"] > run_id]}
 
@@ -92,7 +93,8 @@ def write_run_files(run_dir: Path, data: dict, info: dict) -> None:
         for r in ok for d in data["detections"][r["rel"]])))
     atomic_write(run_dir / "counts.csv", _csv_text(COUNT_COLUMNS, (
         (r["rel"], r["slide"], r["width"], r["height"], *(data["counts"][r["rel"]][c] for c in CLASSES),
-         _blank_none(r["focus"]), _blank_none(r["brightness"]), ";".join(f for f, _ in data["flags"][r["rel"]]))
+         _blank_none(r["focus"]), _blank_none(r["brightness"]), _blank_none(data["cell_sizes"][r["rel"]]),
+         ";".join(f for f, _ in data["flags"][r["rel"]]))
         for r in ok)))
     atomic_write(run_dir / "slides.csv", _csv_text(SLIDE_COLUMNS, (
         [_blank_none(s[c]) for c in SLIDE_COLUMNS] for _, s in sorted(data["slides"].items()))))

@@ -32,9 +32,9 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     assert len(det) > 5 * 5 and {r[1] for r in det[1:]} == {"slide-A", "slide-B"}
     counts = read_csv(run_dir / "counts.csv")
     assert counts[0] == ["image", "slide", "width", "height", "RBC", "WBC", "Platelets", "focus", "brightness",
-                         "flags"] and len(counts) == 6
+                         "cell_size", "flags"] and len(counts) == 6
     assert all(int(r[4]) > 3 for r in counts[1:])  # every BCCD field has several RBCs
-    assert all(float(r[7]) > 0 and float(r[8]) > 0 and r[9] == "" for r in counts[1:])   # measured, unflagged
+    assert all(float(r[7]) > 0 and float(r[8]) > 0 and 0.15 < float(r[9]) < 0.27 and r[10] == "" for r in counts[1:])   # measured, unflagged
     slides_csv = read_csv(run_dir / "slides.csv")
     assert [r[:3] for r in slides_csv[1:]] == [["slide-A", "3", "0"], ["slide-B", "2", "1"]]
     assert read_csv(run_dir / "errors.csv") == [["image", "reason"], ["slide-B/notes.jpg", "not a recognised image format"]]
