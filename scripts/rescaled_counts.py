@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bccd_batch.cells import class_threshold
+from bccd_batch.cells import class_counts, class_threshold
 from bccd_batch.decode import decode_file
 from bccd_batch.labels import read_labels
 from bccd_batch.model import detections_to_tuples, image_to_input, load_model
@@ -39,7 +39,8 @@ def rescaled(field: np.ndarray, s: float) -> tuple[np.ndarray, tuple[float, floa
 
 def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
     model, card = load_model(model_dir)
-    cut = class_threshold(card["thresholds"]["count"], "RBC")
+    threshold = card["thresholds"]["count"]
+    cut = class_threshold(threshold, "RBC")
     records = read_labels(labels).records
     for source in ("bccd_complete", "pbc"):
         fields = sorted((val / source).iterdir())[:n]
@@ -55,7 +56,7 @@ def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
                                 if x0 <= (b[1] + b[3]) / 2 + dx < x0 + cw and y0 <= (b[2] + b[4]) / 2 + dy < y0 + ch)
                 with torch.no_grad():
                     dets = detections_to_tuples(model([image_to_input(image, torch.device("cpu"))])[0])
-                counted += sum(1 for d in dets if d[0] == "RBC" and d[1] >= cut)
+                counted += class_counts(dets, threshold)["RBC"]
                 sizes.append(rbc_size(dets, cut, w, h))
             known = [x for x in sizes if x is not None]
             flagged = sum(1 for x in known if not MIN_RBC_SIZE <= x <= MAX_RBC_SIZE)
