@@ -1,6 +1,7 @@
 """Inside a worker: read, hash and decode a work list's fields on a thread pool (plain JPEGs for a GPU
 engine read only, decoded per batch by nvJPEG), measure their quality, and run them through the engine
-in batches, two in flight, as groups ready for the store."""
+in batches, two in flight, as groups ready for the store. A field whose RBCs measure off the training
+labs' size is counted a second time at that size (`backends.recount_off_scale`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile
-from .backends import field_hw, one_ahead, select_engine, submit
+from .backends import field_hw, one_ahead, recount_off_scale, select_engine, submit
 from .model import Uploads
 from .quality import measure_device, measure_host
 from .store import pack_detections
@@ -36,6 +37,7 @@ class Prepared:
     error: str | None = None
     skip: str | None = None       # "skipped" or "failed" (unchanged and failed before)
     quality: tuple[float | None, float] | None = None    # (focus, brightness) of the decoded field: quality.py
+    recounted_at: float | None = None      # the scale of its second pass, off the training magnification
 
 
 
@@ -206,13 +208,16 @@ def _submit_group(engine, batch: list[Prepared], done: list[Prepared], timings: 
     t = time.monotonic()
     collect = submit(engine, [p.array for p in batch]) if batch else list
     timings["inference_seconds"] += time.monotonic() - t
-    return batch, done, collect, unmeasured, measured
+    return engine, batch, done, collect, unmeasured, measured
 
 
-def _collect_group(batch: list[Prepared], done: list[Prepared], collect, unmeasured: list[Prepared], measured,
+def _collect_group(engine, batch: list[Prepared], done: list[Prepared], collect, unmeasured: list[Prepared], measured,
                    timings: dict) -> list[tuple]:
     t = time.monotonic()
-    dets = collect()
+    dets = []
+    for p, (d, scale) in zip(batch, recount_off_scale(engine, [p.array for p in batch], collect())):
+        dets.append(d)
+        p.recounted_at = scale
     timings["inference_seconds"] += time.monotonic() - t
     for p, q in zip(unmeasured, measured()):
         p.quality = q

@@ -362,6 +362,19 @@ def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> to
     return field_to_device(image, device).float().div_(255)
 
 
+@torch.inference_mode()
+def detect_rescaled(model: FasterRCNN, field: np.ndarray | torch.Tensor, device: torch.device | str, scale: float) -> list[tuple]:
+    """One field through the eager model resized to `scale` times the size its transform gives it
+    (cells `scale` times as large in the network's input); detections in the field's own pixels."""
+    t = model.transform
+    sizes = t.min_size, t.max_size
+    t.min_size, t.max_size = tuple(round(s * scale) for s in sizes[0]), round(sizes[1] * scale)
+    try:
+        return detections_to_tuples(model([image_to_input(field, device)])[0])
+    finally:
+        t.min_size, t.max_size = sizes
+
+
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
     """torchvision's output dict -> [(cls, score, x0, y0, x1, y1)], rounded to what the CSVs keep."""
     return arrays_to_tuples(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy(), d["labels"].cpu().numpy())

@@ -183,7 +183,8 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
             m["error"] = p.error
         else:
             focus, brightness = p.quality or (None, None)
-            m.update(width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, focus=focus, brightness=brightness)
+            m.update(width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, focus=focus, brightness=brightness,
+                     recounted_at=p.recounted_at)
         images.append(m)
     with store.transaction():
         store.record_images(run_id, root, images)

@@ -19,8 +19,9 @@ from .cells import CLASSES
 STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
 
 # PRAGMA user_version. 0: detections one row each, keyed by (root, rel); 2: one row each, keyed by
-# images.id; 3: packed into their image's row; 4: each image's focus and brightness (quality.py).
-SCHEMA_VERSION = 4
+# images.id; 3: packed into their image's row; 4: each image's focus and brightness (quality.py);
+# 5: the scale a field off the training magnification was counted again at (quality.recount_scale).
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS images (
     run_id INTEGER NOT NULL,            -- the run that last processed it
     detections BLOB,                    -- DETECTION_DTYPE records, best first (NULL when status is error)
     focus REAL, brightness REAL,        -- quality.py's measures (NULL: error, or stored before version 4)
+    recounted_at REAL,                  -- the scale of its second pass (NULL: counted once)
     UNIQUE (root, rel)
 );
 CREATE TABLE IF NOT EXISTS run_images (
@@ -101,6 +103,8 @@ MIGRATE_FROM_2 = "ALTER TABLE images ADD COLUMN detections BLOB"
 DETECTIONS_FROM_2 = "SELECT image_id, cls, score, x0, y0, x1, y1 FROM detections ORDER BY image_id, rowid"
 # Versions 2 and 3 -> 4: images measured before stay unmeasured (NULL) until processed again.
 MIGRATE_FROM_3 = "ALTER TABLE images ADD COLUMN focus REAL; ALTER TABLE images ADD COLUMN brightness REAL"
+# Versions up to 4 -> 5: every stored field was counted once.
+MIGRATE_FROM_4 = "ALTER TABLE images ADD COLUMN recounted_at REAL"
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -136,8 +140,11 @@ class Store:
                 self._pack_detection_rows(DETECTIONS_FROM_2, "detections")
             else:
                 self._run_script(SCHEMA)    # a new store; a version 3 one keeps its tables
-            if "focus" not in {r["name"] for r in self.db.execute("PRAGMA table_info(images)")}:
+            columns = {r["name"] for r in self.db.execute("PRAGMA table_info(images)")}
+            if "focus" not in columns:
                 self._run_script(MIGRATE_FROM_3)
+            if "recounted_at" not in columns:
+                self._run_script(MIGRATE_FROM_4)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _run_script(self, script: str) -> None:
@@ -195,19 +202,20 @@ class Store:
     def record_images(self, run_id: int, root: str, images: list[dict]) -> None:
         """Replace everything known about each image and mark it new (failed when it has an
         `error`); call inside a transaction. Keys: rel, slide, size, mtime_ns, sha256, and either
-        width, height, model_sha256, detections (`pack_detections` bytes), focus and brightness, or
-        error."""
+        width, height, model_sha256, detections (`pack_detections` bytes), focus, brightness and
+        recounted_at, or error."""
         self.db.executemany(
             "INSERT INTO images (root, rel, slide, size, mtime_ns, sha256, width, height, status, error,"
-            " model_sha256, run_id, detections, focus, brightness) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " model_sha256, run_id, detections, focus, brightness, recounted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (root, rel) DO UPDATE SET slide=excluded.slide, size=excluded.size,"
             " mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, width=excluded.width, height=excluded.height,"
             " status=excluded.status, error=excluded.error, model_sha256=excluded.model_sha256,"
             " run_id=excluded.run_id, detections=excluded.detections, focus=excluded.focus,"
-            " brightness=excluded.brightness",
+            " brightness=excluded.brightness, recounted_at=excluded.recounted_at",
             [(root, m["rel"], m["slide"], m["size"], m["mtime_ns"], m["sha256"], m.get("width"), m.get("height"),
               "error" if m.get("error") else "ok", m.get("error"), m.get("model_sha256"), run_id,
-              None if m.get("error") else m["detections"], m.get("focus"), m.get("brightness")) for m in images])
+              None if m.get("error") else m["detections"], m.get("focus"), m.get("brightness"), m.get("recounted_at"))
+             for m in images])
         self.mark(run_id, [(m["rel"], "failed" if m.get("error") else "new") for m in images])
 
     def mark(self, run_id: int, outcomes: Iterable[tuple[str, str]]) -> None:

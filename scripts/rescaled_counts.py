@@ -7,7 +7,8 @@ the TXL-PBC dataset (default ../shared/data/txl_pbc), MODEL a model folder (defa
 FIELDS how many fields of each source (default 20, the first by name). A scale s < 1 tiles the field
 2x2 and shrinks a window of 1/s of its size back to it (cells s times as large, s^-2 times as many);
 s > 1 enlarges the centre 1/s of the field. The expected count is the labelled RBCs whose centres
-lie in the window. Prints per source and scale the counted RBCs against the expected, and
+lie in the window. Prints per source and scale the counted RBCs against the expected, once and
+with the fields off the training RBC size counted again as `run` does (`recount_off_scale`), and
 `quality.rbc_size` (min / median / max over the fields) with how many fields it flags.
 """
 
@@ -15,13 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from bccd_batch.backends import recount_off_scale
+from bccd_batch.backends.torch_eager import TorchEngine
 from bccd_batch.cells import class_counts, class_threshold
 from bccd_batch.decode import decode_file
 from bccd_batch.labels import read_labels
-from bccd_batch.model import detections_to_tuples, image_to_input, load_model
 from bccd_batch.quality import MAX_RBC_SIZE, MIN_RBC_SIZE, rbc_size
 
 SCALES = (0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.4, 1.7, 2.0)
@@ -38,14 +39,14 @@ def rescaled(field: np.ndarray, s: float) -> tuple[np.ndarray, tuple[float, floa
 
 
 def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
-    model, card = load_model(model_dir)
-    threshold = card["thresholds"]["count"]
+    engine = TorchEngine(model_dir, "cpu")
+    threshold = engine.card["thresholds"]["count"]
     cut = class_threshold(threshold, "RBC")
     records = read_labels(labels).records
     for source in ("bccd_complete", "pbc"):
         fields = sorted((val / source).iterdir())[:n]
         for s in SCALES:
-            expected = counted = 0
+            expected = counted = recounted = 0
             sizes = []
             for path in fields:
                 pixels = decode_file(path)
@@ -54,14 +55,15 @@ def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
                 rbcs = [b for b in records[path.name]["boxes"] if b[0] == "RBC"]
                 expected += sum(1 for b in rbcs for dx, dy in tiles
                                 if x0 <= (b[1] + b[3]) / 2 + dx < x0 + cw and y0 <= (b[2] + b[4]) / 2 + dy < y0 + ch)
-                with torch.no_grad():
-                    dets = detections_to_tuples(model([image_to_input(image, torch.device("cpu"))])[0])
+                dets = engine.infer([image])[0]
                 counted += class_counts(dets, threshold)["RBC"]
+                recounted += class_counts(recount_off_scale(engine, [image], [dets])[0][0], threshold)["RBC"]
                 sizes.append(rbc_size(dets, cut, w, h))
             known = [x for x in sizes if x is not None]
             flagged = sum(1 for x in known if not MIN_RBC_SIZE <= x <= MAX_RBC_SIZE)
             spread = f"{min(known):.3f} / {np.median(known):.3f} / {max(known):.3f}" if known else "-"
-            print(f"{source:13s} x{s:<4}: RBCs {counted:5d} counted, {expected:5d} expected ({counted / expected - 1:+.1%}); "
+            print(f"{source:13s} x{s:<4}: RBCs {expected:5d} expected, {counted:5d} counted ({counted / expected - 1:+.1%}), "
+                  f"{recounted:5d} with the recount ({recounted / expected - 1:+.1%}); "
                   f"cell size {spread}, {flagged} of {len(fields)} fields flagged", flush=True)
 
 

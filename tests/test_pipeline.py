@@ -32,9 +32,10 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     assert len(det) > 5 * 5 and {r[1] for r in det[1:]} == {"slide-A", "slide-B"}
     counts = read_csv(run_dir / "counts.csv")
     assert counts[0] == ["image", "slide", "width", "height", "RBC", "WBC", "Platelets", "focus", "brightness",
-                         "cell_size", "flags"] and len(counts) == 6
+                         "cell_size", "recounted_at", "flags"] and len(counts) == 6
     assert all(int(r[4]) > 3 for r in counts[1:])  # every BCCD field has several RBCs
-    assert all(float(r[7]) > 0 and float(r[8]) > 0 and 0.15 < float(r[9]) < 0.27 and r[10] == "" for r in counts[1:])   # measured, unflagged
+    # measured, unflagged, counted once
+    assert all(float(r[7]) > 0 and float(r[8]) > 0 and 0.15 < float(r[9]) < 0.27 and r[10:] == ["", ""] for r in counts[1:])
     slides_csv = read_csv(run_dir / "slides.csv")
     assert [r[:3] for r in slides_csv[1:]] == [["slide-A", "3", "0"], ["slide-B", "2", "1"]]
     assert read_csv(run_dir / "errors.csv") == [["image", "reason"], ["slide-B/notes.jpg", "not a recognised image format"]]
@@ -79,6 +80,39 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     metrics = json.loads((out / "runs" / runs[2] / "metrics.json").read_text())
     assert metrics["processed_later"] == 5 and "intervals" not in metrics["coco"]   # --bootstrap 0: none
     assert "95% over fields" not in scored.stderr
+
+
+# On a GPU the fields are decoded by nvJPEG and counted first by the compiled engine; the second
+# pass is the eager model's on the same GPU.
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_field_at_another_magnification_is_counted_again_and_says_so(tmp_path, bccd, device):
+    """A BCCD field and a copy at half the magnification (tiled 2x2, shrunk back) in one slide."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from bccd_batch.decode import decode_file
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    slide = tmp_path / "slides" / "s"
+    slide.mkdir(parents=True)
+    field = decode_file(bccd / "JPEGImages" / "BloodImage_00003.jpg")
+    Image.fromarray(field).save(slide / "native.jpg", quality=95)
+    Image.fromarray(np.tile(field, (2, 2, 1))).resize((640, 480), Image.BILINEAR).save(slide / "half.jpg", quality=95)
+    out = tmp_path / "out"
+    cli("run", tmp_path / "slides", "--out", out, "--device", device, check_rc=0)
+    info = json.loads((out / "latest" / "run.json").read_text())
+    assert info["engine"] == ("torch-eager-fp32" if device == "cpu" else "compiled-fp16")
+    assert info["fields_decoded_on_gpu"] == (0 if device == "cpu" else 2)
+    counts = {r["image"]: r for r in csv.DictReader(open(out / "latest" / "counts.csv", newline=""))}
+    assert counts["s/native.jpg"]["recounted_at"] == "" and counts["s/native.jpg"]["flags"] == ""
+    assert float(counts["s/half.jpg"]["recounted_at"]) > 1.5 and counts["s/half.jpg"]["flags"] == "cell size"
+    # Counted again, the copy's RBCs come near four times the field's; counted once, the eager model
+    # found 45 of the 4 x 17 (tests/test_quality.py).
+    assert int(counts["s/half.jpg"]["RBC"]) > 3.5 * int(counts["s/native.jpg"]["RBC"]), counts
+    assert "counted again at x" in (out / "latest" / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -330,6 +364,8 @@ def test_batches_submit_the_next_before_collecting_the_last():
     events = []
 
     class RunsAhead:
+        card = {"thresholds": {"count": 0.5}}   # one RBC a field: too few to measure, none counted again
+
         def submit(self, images):
             k = sum(1 for e in events if e[0] == "submit")
             events.append(("submit", k))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from bccd_batch.decode import decode_bytes, decode_file, decode_on_device
-from bccd_batch.quality import MIN_FOCUS, field_flags, measure_device, measure_host, rbc_size
+from bccd_batch.quality import MIN_FOCUS, field_flags, measure_device, measure_host, rbc_size, recount_scale
 from conftest import FIGURES, MODEL
 
 HEALTHY = {"RBC": 12, "WBC": 1, "Platelets": 1}
@@ -72,24 +72,43 @@ def test_cell_size_is_the_median_counted_rbc_side_over_the_short_side_and_flags_
     assert field_flags(HEALTHY, None, None, 0.21) == [] and field_flags(HEALTHY, None, None, None) == []
 
 
-def test_a_field_at_another_magnification_is_flagged_for_cell_size(bccd):
+def test_recount_scale_brings_an_off_range_field_to_the_training_rbc_size_within_2x():
+    assert recount_scale(0.21) is None and recount_scale(0.15) is None and recount_scale(None) is None
+    assert recount_scale(0.104) == 2.0 and recount_scale(0.13) == 1.6 and recount_scale(0.05) == 2.0
+    assert recount_scale(0.32) == 0.65 and recount_scale(0.9) == 0.5
+    reason = dict(field_flags(HEALTHY, None, None, 0.12, 1.73))["cell size"]
+    assert "counted again at x1.73" in reason
+    assert "counted again" not in dict(field_flags(HEALTHY, None, None, 0.12))["cell size"]
+    # Counted again, a field stays flagged whatever its second pass measures.
+    assert [f for f, _ in field_flags(HEALTHY, None, None, 0.2, 1.6)] == ["cell size"]
+    assert "RBCs unmeasured" in dict(field_flags(HEALTHY, None, None, None, 1.6))["cell size"]
+
+
+def test_a_field_at_another_magnification_is_flagged_and_counted_again_at_the_training_size(bccd):
     """The default model on a BCCD field, on the same field tiled 2x2 and shrunk back to its size (cells
     at half the size, as a lower magnification gives), and on its centre enlarged 1.6x (a higher one)."""
-    from bccd_batch.cells import class_threshold
-    from bccd_batch.model import detections_to_tuples, image_to_input, load_model
+    from bccd_batch.backends import recount_off_scale
+    from bccd_batch.backends.torch_eager import TorchEngine
+    from bccd_batch.cells import class_counts, class_threshold
 
-    model, card = load_model(MODEL)
-    cut = class_threshold(card["thresholds"]["count"], "RBC")
+    engine = TorchEngine(MODEL, "cpu")
+    threshold = engine.card["thresholds"]["count"]
+    cut = class_threshold(threshold, "RBC")
     field = Image.fromarray(decode_file(bccd / "JPEGImages" / "BloodImage_00003.jpg"))
     w, h = field.size
     half = Image.fromarray(np.tile(np.asarray(field), (2, 2, 1))).resize((w, h), Image.BILINEAR)
     enlarged = field.crop((w * 3 // 16, h * 3 // 16, w - w * 3 // 16, h - h * 3 // 16)).resize((w, h), Image.BILINEAR)
-    sizes = []
-    with torch.no_grad():
-        for im in (field, half, enlarged):
-            dets = detections_to_tuples(model([image_to_input(np.array(im), torch.device("cpu"))])[0])
-            sizes.append(rbc_size(dets, cut, w, h))
+    images = [np.array(im) for im in (field, half, enlarged)]
+    first = engine.infer(images)
+    sizes = [rbc_size(dets, cut, w, h) for dets in first]
     assert [[f for f, _ in field_flags(HEALTHY, None, None, s)] for s in sizes] == [[], ["cell size"], ["cell size"]], sizes
+    (same, none), (again, up), (_, down) = recount_off_scale(engine, images, first)
+    assert same is first[0] and none is None
+    assert up > 1.5 and down < 0.8, (up, down)
+    # The tiled field holds the field's cells four times over; counted again with its cells at the
+    # training size, it misses fewer of them (17 RBCs in the field; 45 counted at first, 63 again).
+    rbcs = [class_counts(d, threshold)["RBC"] for d in (first[0], first[1], again)]
+    assert abs(rbcs[2] - 4 * rbcs[0]) < abs(rbcs[1] - 4 * rbcs[0]) / 2, rbcs
 
 
 def test_host_measures_are_the_sampled_greens_mean_and_laplacian_variance():

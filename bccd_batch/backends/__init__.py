@@ -19,6 +19,8 @@ class Engine(Protocol):
     name: str          # e.g. "torch-eager-fp32"
     device: str        # e.g. "cpu", "cuda:0"
     device_name: str   # human-readable, e.g. "NVIDIA H100 80GB HBM3" or the CPU model
+    card: dict         # the model card (model.json)
+    model: object      # the eager torchvision model on `device`, for fields no static graph takes
 
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]: ...
 
@@ -42,6 +44,24 @@ def submit(engine: Engine, images: list[np.ndarray]) -> Callable[[], list[list[t
         return engine.submit(images)
     dets = engine.infer(images)
     return lambda: dets
+
+
+def recount_off_scale(engine: Engine, fields: list, dets: list[list[tuple]]) -> list[tuple[list[tuple], float | None]]:
+    """Each field's detections, and the scale it was counted at again (None: not): a field whose RBCs
+    measure outside the training labs' range (another magnification, `quality.recount_scale`) is
+    inferred again by the eager model resized so that they measure the training size; its
+    detections are then those of that second pass."""
+    from ..model import detect_rescaled
+    from ..cells import class_threshold
+    from ..quality import rbc_size, recount_scale
+
+    cut = class_threshold(engine.card["thresholds"]["count"], "RBC")
+    out = []
+    for field, d in zip(fields, dets):
+        h, w = field_hw(field)
+        scale = recount_scale(rbc_size(d, cut, w, h))
+        out.append((d, None) if scale is None else (detect_rescaled(engine.model, field, engine.device, scale), scale))
+    return out
 
 
 T = TypeVar("T")
