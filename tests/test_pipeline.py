@@ -391,11 +391,16 @@ def test_batches_submit_the_next_before_collecting_the_last():
 
 
 @pytest.mark.slow
-def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch):
+def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch, tmp_path):
     """The `--gpu-decode` path on the CPU (torchvision's decoder where nvJPEG would be, the eager
     engine taking the 3xHxW fields it gives): each JPEG is decoded with its batch, anything else
-    as before; if the batch decoder refuses, every field still gets decode_bytes and its reason."""
+    as before, a field at half the magnification counted again from either; if the batch decoder
+    refuses, every field still gets decode_bytes and its reason."""
+    import numpy as np
+    from PIL import Image
+
     from bccd_batch import batches, pipeline
+    from bccd_batch.decode import decode_file
     from bccd_batch.discover import ImageFile
     from bccd_batch.backends.torch_eager import TorchEngine
     from bccd_batch.store import unpack_detections
@@ -404,21 +409,25 @@ def test_fields_left_for_the_gpu_are_decoded_with_their_batch(bccd, monkeypatch)
     files = [ImageFile(f"s/{p.name}", "s", p) for p in names]
     bad = bccd / "JPEGImages" / "missing.jpg"
     files.append(ImageFile("s/missing.jpg", "s", bad))
+    half = tmp_path / "half.jpg"
+    Image.fromarray(np.tile(decode_file(names[0]), (2, 2, 1))).resize((640, 480), Image.BILINEAR).save(half, quality=95)
+    files.append(ImageFile("s/half.jpg", "s", half))
     engine = TorchEngine(Path(__file__).resolve().parent.parent / "engines", "cpu")
     opts = pipeline.RunOptions(slides=bccd, out=bccd, model_dir=bccd, batch_size=2, decode_workers=2)
 
     def outcome(on_device):
         timings = batches.new_timings()
         groups = batches.decoded_groups(((f, None) for f in files), engine, opts, timings, on_device=on_device)
-        got = {p.file.rel: (hw, p.error, d and [x[:1] + tuple(round(v) for v in x[2:]) for x in unpack_detections(d) if x[1] >= 0.6])
-               for g in groups for p, hw, d in g}
+        got = {p.file.rel: (hw, p.error, d and [x[:1] + tuple(round(v) for v in x[2:]) for x in unpack_detections(d) if x[1] >= 0.6],
+                            p.recounted_at) for g in groups for p, hw, d in g}
         return got, timings["fields_decoded_on_device"]
 
     host, n_host = outcome(False)
     device, n_device = outcome(True)
-    assert n_host == 0 and n_device == 3
+    assert n_host == 0 and n_device == 4
     assert device == host and host["s/missing.jpg"][1].startswith("cannot read")
-    assert all(hw == (480, 640) and dets for rel, (hw, _, dets) in host.items() if rel != "s/missing.jpg")
+    assert all(hw == (480, 640) and dets for rel, (hw, _, dets, _) in host.items() if rel != "s/missing.jpg")
+    assert [rel for rel, (*_, again) in host.items() if again] == ["s/half.jpg"] and host["s/half.jpg"][3] > 1.5
 
     def refuse(datas, device):
         raise RuntimeError("Error while decoding JPEG images: Failed to decode batch: 10")
