@@ -106,7 +106,7 @@ def test_a_field_at_another_magnification_is_flagged_and_counted_again_at_the_tr
     assert same is first[0] and none is None
     assert up > 1.5 and down < 0.8, (up, down)
     # The tiled field holds the field's cells four times over; counted again with its cells at the
-    # training size, it misses fewer of them (17 RBCs in the field; 45 counted at first, 63 again).
+    # training size, it misses fewer of them (17 counted in the field; in the copy 45 at first, 63 again).
     rbcs = [class_counts(d, threshold)["RBC"] for d in (first[0], first[1], again)]
     assert abs(rbcs[2] - 4 * rbcs[0]) < abs(rbcs[1] - 4 * rbcs[0]) / 2, rbcs
 
