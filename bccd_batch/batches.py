@@ -105,7 +105,7 @@ def batches(prepared, engine, batch_size: int, timings: dict, stop=lambda: False
     and seconds the engine sat waiting for decoded images. `uploads`: a GPU engine's, which host
     fields go through before they are measured there and submitted."""
     yield from one_ahead(_submitted(prepared, engine, batch_size, timings, stop, uploads),
-                         lambda submitted: _collect_group(*submitted, timings))
+                         lambda submitted: _collect_group(engine, *submitted, timings))
 
 
 def _submitted(prepared, engine, batch_size: int, timings: dict, stop, uploads: Uploads | None):
@@ -208,7 +208,7 @@ def _submit_group(engine, batch: list[Prepared], done: list[Prepared], timings: 
     t = time.monotonic()
     collect = submit(engine, [p.array for p in batch]) if batch else list
     timings["inference_seconds"] += time.monotonic() - t
-    return engine, batch, done, collect, unmeasured, measured
+    return batch, done, collect, unmeasured, measured
 
 
 def _collect_group(engine, batch: list[Prepared], done: list[Prepared], collect, unmeasured: list[Prepared], measured,

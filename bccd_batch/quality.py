@@ -6,8 +6,8 @@ The model was trained on two labs' fields (BCCD, PBC), all in focus and evenly l
 them is counted wrong without any sign in its detections. Copies of 20 val fields blurred with a
 Gaussian of radius 1/2/3/4 px lost 0/8/16/24% of their counted RBCs, and copies darkened to
 x0.5/x0.7 or brightened to x1.2/x1.35 counted -20/-7/+4/+14%. The thresholds below catch those that
-moved counts by 7% or more and leave every BCCD field unflagged; PBC's 353 fields (focus 72-1349, green level 161-204, 6 or
-more RBCs counted) are none of them flagged either.
+moved counts by 7% or more and leave every BCCD field unflagged; PBC's 353 fields (focus 72-1349,
+green level 161-204, 6 or more RBCs counted) are none of them flagged either.
 """
 
 from __future__ import annotations
@@ -123,11 +123,16 @@ def rbc_size(dets: list[tuple], rbc_threshold: float, width: int, height: int) -
     return round(statistics.median(sides) / min(width, height), 3) if len(sides) >= MIN_RBC else None
 
 
+def off_training_size(cell_size: float | None) -> bool:
+    """Whether a field's `rbc_size` lies outside the training labs' range (False where unmeasured)."""
+    return cell_size is not None and not MIN_RBC_SIZE <= cell_size <= MAX_RBC_SIZE
+
+
 def recount_scale(cell_size: float | None) -> float | None:
     """How much to enlarge (> 1) or shrink (< 1) a field whose `rbc_size` lies outside the training
     labs' range before counting it again, so that its RBCs are the size the model learned; None for
     a field in range or unmeasured."""
-    if cell_size is None or MIN_RBC_SIZE <= cell_size <= MAX_RBC_SIZE:
+    if not off_training_size(cell_size):
         return None
     return round(min(MAX_RECOUNT_SCALE, max(MIN_RECOUNT_SCALE, TRAINING_RBC_SIZE / cell_size)), 2)
 
@@ -148,7 +153,7 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
         flags.append(("few cells", f"{counts['RBC']} RBC counted (< {MIN_RBC}; every training field has 4 or more): "
                                    "blank, out of focus, badly exposed or off the smear?"))
     # A field counted again stays flagged, also where its second pass measures otherwise.
-    if recounted_at or (cell_size is not None and not MIN_RBC_SIZE <= cell_size <= MAX_RBC_SIZE):
+    if recounted_at or off_training_size(cell_size):
         size = "unmeasured" if cell_size is None else f"{cell_size:.3f} of the field's short side"
         again = f"; counted again at x{recounted_at:g}, with its RBCs at the training size" if recounted_at else ""
         flags.append(("cell size", f"RBCs {size} (the training labs' fields 0.159-0.260): "

@@ -23,7 +23,7 @@ from bccd_batch.backends.torch_eager import TorchEngine
 from bccd_batch.cells import class_counts, class_threshold
 from bccd_batch.decode import decode_file
 from bccd_batch.labels import read_labels
-from bccd_batch.quality import MAX_RBC_SIZE, MIN_RBC_SIZE, rbc_size
+from bccd_batch.quality import off_training_size, rbc_size
 
 SCALES = (0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.4, 1.7, 2.0)
 
@@ -60,7 +60,7 @@ def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
                 recounted += class_counts(recount_off_scale(engine, [image], [dets])[0][0], threshold)["RBC"]
                 sizes.append(rbc_size(dets, cut, w, h))
             known = [x for x in sizes if x is not None]
-            flagged = sum(1 for x in known if not MIN_RBC_SIZE <= x <= MAX_RBC_SIZE)
+            flagged = sum(1 for x in known if off_training_size(x))
             spread = f"{min(known):.3f} / {np.median(known):.3f} / {max(known):.3f}" if known else "-"
             print(f"{source:13s} x{s:<4}: RBCs {expected:5d} expected, {counted:5d} counted ({counted / expected - 1:+.1%}), "
                   f"{recounted:5d} with the recount ({recounted / expected - 1:+.1%}); "

@@ -10,6 +10,9 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
+from ..cells import class_threshold
+from ..quality import rbc_size, recount_scale
+
 
 class EngineError(Exception):
     """A requested engine cannot be used here; the message says why."""
@@ -51,16 +54,16 @@ def recount_off_scale(engine: Engine, fields: list, dets: list[list[tuple]]) -> 
     measure outside the training labs' range (another magnification, `quality.recount_scale`) is
     inferred again by the eager model resized so that they measure the training size; its
     detections are then those of that second pass."""
-    from ..model import detect_rescaled
-    from ..cells import class_threshold
-    from ..quality import rbc_size, recount_scale
-
     cut = class_threshold(engine.card["thresholds"]["count"], "RBC")
     out = []
     for field, d in zip(fields, dets):
         h, w = field_hw(field)
         scale = recount_scale(rbc_size(d, cut, w, h))
-        out.append((d, None) if scale is None else (detect_rescaled(engine.model, field, engine.device, scale), scale))
+        if scale is not None:
+            from ..model import detect_rescaled     # torch: only where a field is counted again
+
+            d = detect_rescaled(engine.model, field, engine.device, scale)
+        out.append((d, scale))
     return out
 
 
