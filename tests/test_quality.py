@@ -2,6 +2,7 @@
 dark or bright, as a scanner out of focus or a lamp out of adjustment would make them."""
 
 import io
+import types
 
 import numpy as np
 import pytest
@@ -109,6 +110,27 @@ def test_a_field_at_another_magnification_is_flagged_and_counted_again_at_the_tr
     # training size, it misses fewer of them (17 counted in the field; in the copy 45 at first, 63 again).
     rbcs = [class_counts(d, threshold)["RBC"] for d in (first[0], first[1], again)]
     assert abs(rbcs[2] - 4 * rbcs[0]) < abs(rbcs[1] - 4 * rbcs[0]) / 2, rbcs
+
+
+def test_a_second_pass_that_fails_keeps_the_first_count(monkeypatch):
+    """The second pass runs out of memory (stood in for here; on a GPU, test_reliability's real one):
+    the field keeps its first pass's detections, uncounted-again, with a warning."""
+    import bccd_batch.model
+    from bccd_batch.backends import recount_off_scale
+
+    def out_of_memory(*_):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1228800000 bytes.")
+
+    monkeypatch.setattr(bccd_batch.model, "detect_rescaled", out_of_memory)
+    engine = types.SimpleNamespace(card={"thresholds": {"count": {"RBC": 0.4, "WBC": 0.5, "Platelets": 0.5}}},
+                                   model=None, device="cpu")
+    small = [("RBC", 0.9, 40 * i, 10, 40 * i + 30, 40) for i in range(8)]     # RBCs 30 px: 0.0625 of 480
+    field = np.zeros((480, 640, 3), np.uint8)
+    with pytest.warns(UserWarning, match=r"a 640x480 field's second pass at x2 failed \(DefaultCPUAllocator.*"
+                                         "its first count is kept"):
+        [(dets, scale)] = recount_off_scale(engine, [field], [small])
+    assert dets is small and scale is None
+    assert [f for f, _ in field_flags(HEALTHY, None, None, rbc_size(dets, 0.4, 640, 480), scale)] == ["cell size"]
 
 
 def test_host_measures_are_the_sampled_greens_mean_and_laplacian_variance():

@@ -364,3 +364,29 @@ def test_cuda_out_of_memory_halves_the_batch_and_goes_on():
         assert all(abs(count(g)[c] - count(r)[c]) <= 1 for c in count(r))
     summary(f"GPU OOM: batch 64 with 3 GiB free on {torch.cuda.get_device_name()} -> halved to "
             f"{engine.batch_size}, all 64 images inferred")
+
+
+@pytest.mark.gpu
+def test_a_second_pass_out_of_gpu_memory_keeps_the_first_count():
+    """A real OOM in the second pass: a field at half magnification, counted once, then the GPU filled
+    but 64 MiB; counted again at x2 it cannot be, so its first count stays. Memory back, it is."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bccd_batch.backends import recount_off_scale
+    from bccd_batch.backends.torch_eager import TorchEngine
+
+    engine = TorchEngine(REPO / "engines", "cuda", batch_size=1)
+    image = Image.open(bccd_image("BloodImage_00003"))
+    field = np.asarray(Image.fromarray(np.tile(np.asarray(image), (2, 2, 1))).resize(image.size, Image.BILINEAR))
+    first = engine.infer([field])
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - (64 << 20), dtype=torch.uint8, device="cuda")
+    with pytest.warns(UserWarning, match=r"second pass at x[0-9.]+ failed \(.*memory.*its first count is kept"):
+        [(dets, scale)] = recount_off_scale(engine, [field], first)
+    del hog
+    assert dets is first[0] and scale is None
+    [(dets, scale)] = recount_off_scale(engine, [field], first)
+    assert dets is not first[0] and scale > 1.5
+    summary(f"GPU OOM in a second pass at x{scale:g} on {torch.cuda.get_device_name()}: first count kept; "
+            "with memory back, counted again")

@@ -5,6 +5,7 @@ a 3xHxW uint8 tensor there."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
@@ -53,7 +54,9 @@ def recount_off_scale(engine: Engine, fields: list, dets: list[list[tuple]]) -> 
     """Each field's detections, and the scale it was counted at again (None: not): a field whose RBCs
     measure outside the training labs' range (another magnification, `quality.recount_scale`) is
     inferred again by the eager model resized so that they measure the training size; its
-    detections are then those of that second pass."""
+    detections are then those of that second pass. A second pass that fails (out of memory: at x2 a
+    field is four times the pixels) keeps the first pass's detections, with a warning; such a field
+    is still flagged for its cell size."""
     cut = class_threshold(engine.card["thresholds"]["count"], "RBC")
     out = []
     for field, d in zip(fields, dets):
@@ -62,7 +65,12 @@ def recount_off_scale(engine: Engine, fields: list, dets: list[list[tuple]]) -> 
         if scale is not None:
             from ..model import detect_rescaled     # torch: only where a field is counted again
 
-            d = detect_rescaled(engine.model, field, engine.device, scale)
+            try:
+                d = detect_rescaled(engine.model, field, engine.device, scale)
+            except RuntimeError as e:      # torch's out-of-memory errors, CUDA's and the CPU allocator's
+                warnings.warn(f"a {w}x{h} field's second pass at x{scale:g} failed ({str(e).splitlines()[0][:200]}): "
+                              "its first count is kept")
+                scale = None
         out.append((d, scale))
     return out
 
