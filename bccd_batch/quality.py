@@ -35,15 +35,16 @@ MIN_BRIGHTNESS, MAX_BRIGHTNESS = 140.0, 220.0
 # Every one of BCCD's fields has 4 or more RBCs counted; a blank field, one far over- or
 # under-exposed, or one blurred past use (radius 8 px) gave 0-2.
 MIN_RBC = 3
-# The median side of a field's counted RBCs over the field's short side: every field is resized to
-# one short side, so this is the RBC size the model sees, which the microscope's magnification sets.
-# BCCD's 292 fields 0.181-0.260 and PBC's 353 0.159-0.250, median 0.208 in both. Val fields of
-# each lab rescaled (scripts/rescaled_counts.py) measured 0.145 at x0.7 and 0.26-0.28 at x1.4 and
-# counted -8% / -1% (BCCD / PBC) and +10% / +8% of their RBCs; at x0.5 (0.11) -32% / -20%.
-MIN_RBC_SIZE, MAX_RBC_SIZE = 0.15, 0.27
+# The median long side of a field's counted RBC boxes over the field's short side: every field is
+# resized to one short side, so this is the RBC size the model sees, which the microscope's
+# magnification sets. The long side, as a cell cut by the field's edge keeps its full extent one way:
+# measured as the square root of the box's area, enlarged fields (most cells cut) measured too small
+# to be flagged (PBC's val fields at x1.4 / x1.7 / x2: 7 / 10 / 5 of 20 against 15 / 19 / 11).
+# BCCD's 292 fields 0.199-0.282 and PBC's 353 0.175-0.285, medians 0.224 and 0.226 (2026-12-06).
+MIN_RBC_SIZE, MAX_RBC_SIZE = 0.165, 0.295
 # A field outside that range is counted a second time at the size that brings its RBCs to the
 # training labs' median (`recount_scale`); at most 2x either way, a quarter or four times the pixels.
-TRAINING_RBC_SIZE = 0.208
+TRAINING_RBC_SIZE = 0.225
 MIN_RECOUNT_SCALE, MAX_RECOUNT_SCALE = 0.5, 2.0
 
 
@@ -115,10 +116,9 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float 
 
 
 def rbc_size(dets: list[tuple], rbc_threshold: float, width: int, height: int) -> float | None:
-    """The median side (square root of the area) of a field's counted RBCs over its short side;
-    None with fewer than MIN_RBC of them, whose median says little."""
-    # max(): a degenerate box measures 0 rather than ending the field's inference.
-    sides = [math.sqrt(max(0.0, (d[4] - d[2]) * (d[5] - d[3]))) for d in dets if d[0] == "RBC" and d[1] >= rbc_threshold]
+    """The median long side of a field's counted RBC boxes over its short side; None with fewer than
+    MIN_RBC of them, whose median says little."""
+    sides = [max(d[4] - d[2], d[5] - d[3]) for d in dets if d[0] == "RBC" and d[1] >= rbc_threshold]
     # statistics, not numpy: every field of a GPU run passes here (25 sides: under 1 us against 17).
     return round(statistics.median(sides) / min(width, height), 3) if len(sides) >= MIN_RBC else None
 
@@ -156,6 +156,6 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
     if recounted_at or off_training_size(cell_size):
         size = "unmeasured" if cell_size is None else f"{cell_size:.3f} of the field's short side"
         again = f"; counted again at x{recounted_at:g}, with its RBCs at the training size" if recounted_at else ""
-        flags.append(("cell size", f"RBCs {size} (the training labs' fields 0.159-0.260): "
+        flags.append(("cell size", f"RBCs {size} (the training labs' fields 0.175-0.285): "
                                    f"another magnification? RBC counts drift as cells shrink or grow{again}"))
     return flags

@@ -63,8 +63,9 @@ def test_few_cells_is_flagged_and_unmeasured_fields_are_not_judged():
     assert field_flags(HEALTHY, None, None) == []
 
 
-def test_cell_size_is_the_median_counted_rbc_side_over_the_short_side_and_flags_outside_the_labs_range():
-    dets = [("RBC", 0.9, 0, 0, 10, 10), ("RBC", 0.5, 0, 0, 20, 20), ("RBC", 0.41, 0, 0, 30, 30),
+def test_cell_size_is_the_median_counted_rbc_long_side_over_the_short_side_and_flags_outside_the_labs_range():
+    # Long sides 10, 20, 30: a box cut by the field's edge (20 x 6) still measures its cell's diameter.
+    dets = [("RBC", 0.9, 0, 0, 10, 7), ("RBC", 0.5, 0, 0, 20, 6), ("RBC", 0.41, 0, 0, 12, 30),
             ("RBC", 0.39, 0, 0, 90, 90), ("WBC", 0.99, 0, 0, 80, 80)]          # below the threshold; not an RBC
     assert rbc_size(dets, 0.40, 200, 100) == 0.2
     assert rbc_size(dets[1:], 0.40, 200, 100) is None                          # two RBCs: too few to say
@@ -74,9 +75,9 @@ def test_cell_size_is_the_median_counted_rbc_side_over_the_short_side_and_flags_
 
 
 def test_recount_scale_brings_an_off_range_field_to_the_training_rbc_size_within_2x():
-    assert recount_scale(0.21) is None and recount_scale(0.15) is None and recount_scale(None) is None
-    assert recount_scale(0.104) == 2.0 and recount_scale(0.13) == 1.6 and recount_scale(0.05) == 2.0
-    assert recount_scale(0.32) == 0.65 and recount_scale(0.9) == 0.5
+    assert recount_scale(0.21) is None and recount_scale(0.165) is None and recount_scale(None) is None
+    assert recount_scale(0.112) == 2.0 and recount_scale(0.13) == 1.73 and recount_scale(0.05) == 2.0
+    assert recount_scale(0.32) == 0.7 and recount_scale(0.9) == 0.5
     reason = dict(field_flags(HEALTHY, None, None, 0.12, 1.73))["cell size"]
     assert "counted again at x1.73" in reason
     assert "counted again" not in dict(field_flags(HEALTHY, None, None, 0.12))["cell size"]
