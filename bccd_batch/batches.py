@@ -1,7 +1,8 @@
 """Inside a worker: read, hash and decode a work list's fields on a thread pool (plain JPEGs for a GPU
 engine read only, decoded per batch by nvJPEG), measure their quality, and run them through the engine
-in batches, two in flight, as groups ready for the store. A field whose RBCs measure off the training
-labs' size is counted a second time at that size (`backends.recount_off_scale`)."""
+in batches, two in flight, as groups ready for the store. A field unlike the training labs' (its RBCs'
+size, its background's colour cast) is counted a second time brought to their look
+(`backends.count_again`)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import numpy as np
 
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile
-from .backends import field_hw, one_ahead, recount_off_scale, select_engine, submit
+from .backends import count_again, field_hw, one_ahead, select_engine, submit
 from .model import Uploads
-from .quality import measure_device, measure_host
+from .quality import Quality, measure_device, measure_host
 from .store import pack_detections
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ class Prepared:
     encoded: bytes | None = None      # a JPEG left for nvJPEG to decode with the rest of its batch
     error: str | None = None
     skip: str | None = None       # "skipped" or "failed" (unchanged and failed before)
-    quality: tuple[float | None, float] | None = None    # (focus, brightness) of the decoded field: quality.py
-    recounted_at: float | None = None      # the scale of its second pass, off the training magnification
+    quality: Quality | None = None    # the decoded field's measures: quality.py
+    recounted_at: float | None = None      # the scale of its second pass (quality.second_pass), None: counted once
 
 
 
@@ -214,13 +215,16 @@ def _submit_group(engine, batch: list[Prepared], done: list[Prepared], timings: 
 def _collect_group(engine, batch: list[Prepared], done: list[Prepared], collect, unmeasured: list[Prepared], measured,
                    timings: dict) -> list[tuple]:
     t = time.monotonic()
-    dets = []
-    for p, (d, scale) in zip(batch, recount_off_scale(engine, [p.array for p in batch], collect())):
-        dets.append(d)
-        p.recounted_at = scale
+    first = collect()
     timings["inference_seconds"] += time.monotonic() - t
     for p, q in zip(unmeasured, measured()):
         p.quality = q
+    t = time.monotonic()
+    dets = []
+    for p, (d, scale) in zip(batch, count_again(engine, [p.array for p in batch], first, [p.quality for p in batch])):
+        dets.append(d)
+        p.recounted_at = scale
+    timings["inference_seconds"] += time.monotonic() - t
     group = []
     for p, d in zip(batch, dets):
         # Only now is the field let go: a tensor nvJPEG decoded must outlive the batch's GPU work

@@ -363,14 +363,19 @@ def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> to
 
 
 @torch.inference_mode()
-def detect_rescaled(model: FasterRCNN, field: np.ndarray | torch.Tensor, device: torch.device | str, scale: float) -> list[tuple]:
+def detect_again(model: FasterRCNN, field: np.ndarray | torch.Tensor, device: torch.device | str, scale: float,
+                 gains: tuple[float, float, float] | None = None) -> list[tuple]:
     """One field through the eager model resized to `scale` times the size its transform gives it
-    (cells `scale` times as large in the network's input); detections in the field's own pixels."""
+    (cells `scale` times as large in the network's input) and, with `gains`, each colour channel
+    multiplied by its gain; detections in the field's own pixels."""
     t = model.transform
     sizes = t.min_size, t.max_size
     t.min_size, t.max_size = tuple(round(s * scale) for s in sizes[0]), round(sizes[1] * scale)
     try:
-        return detections_to_tuples(model([image_to_input(field, device)])[0])
+        x = image_to_input(field, device)
+        if gains is not None:
+            x = (x * torch.tensor(gains, dtype=x.dtype, device=x.device).view(3, 1, 1)).clamp_(0, 1)
+        return detections_to_tuples(model([x])[0])
     finally:
         t.min_size, t.max_size = sizes
 

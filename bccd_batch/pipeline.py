@@ -34,6 +34,7 @@ from .backends import EngineError
 from .mps import mps_for_workers, wanted as mps_wanted
 from .outputs import gather, point_latest, prune_runs, write_run_files
 from .progress import Progress
+from .quality import QUALITY
 from .store import STORE_NAME, Store
 from .workers import WorkerPool, decode_threads, parse_devices, worker_devices
 
@@ -182,9 +183,8 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
         if dets is None:
             m["error"] = p.error
         else:
-            focus, brightness = p.quality or (None, None)
-            m.update(width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, focus=focus, brightness=brightness,
-                     recounted_at=p.recounted_at)
+            m.update(zip(QUALITY, p.quality or (None,) * len(QUALITY)),
+                     width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, recounted_at=p.recounted_at)
         images.append(m)
     with store.transaction():
         store.record_images(run_id, root, images)

@@ -1,6 +1,7 @@
-"""Per-field image quality: two pixel measures taken when a field is decoded, one taken from its
-detections (the RBCs' size: the magnification, which also decides whether a field is counted a second
-time at the training size), and the flags that tell a reviewer which fields' counts not to trust unseen.
+"""Per-field image quality: pixel measures taken when a field is decoded (focus, brightness, the
+background's colour cast), one taken from its detections (the RBCs' size: the magnification), and the
+flags that tell a reviewer which fields' counts not to trust unseen. A field whose cells or background
+are unlike the training labs' is counted a second time brought to their look (`second_pass`).
 
 The model was trained on two labs' fields (BCCD, PBC), all in focus and evenly lit; a field unlike
 them is counted wrong without any sign in its detections. Copies of 20 val fields blurred with a
@@ -20,6 +21,11 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+# A decoded field's measures, named by QUALITY (the store's and counts.csv's columns); focus is None
+# where the field is too small to have one.
+Quality = tuple[float | None, float, float, float]
+QUALITY = ("focus", "brightness", "tint_red", "tint_blue")
 
 # Variance of the Laplacian of the green channel sampled at every other pixel (`_sampled`): BCCD's
 # 292 fields 20.3-73.0. The 20 val fields blurred and saved as JPEG: at radius 2 px 7.2-11.9
@@ -46,12 +52,21 @@ MIN_RBC_SIZE, MAX_RBC_SIZE = 0.165, 0.295
 # training labs' median (`recount_scale`); at most 2x either way, a quarter or four times the pixels.
 TRAINING_RBC_SIZE = 0.225
 MIN_RECOUNT_SCALE, MAX_RECOUNT_SCALE = 0.5, 2.0
+# The background's colour cast: the optical density (-ln of the light let through) of its red and
+# blue over its green's, the background being the sampled pixels with the brightest fifth of green
+# levels (plasma and glass). BCCD's 292 fields: red -0.020..+0.057, blue -0.002..+0.077 (grey);
+# PBC's 353: red -0.122..-0.030, blue -0.036..+0.141 (yellowish). BCCD val fields under another lamp
+# (OD +0.3 red, -0.2 blue, a bluish cast) lost all their platelets, 9 of 20 WBCs and 17% of their RBCs;
+# white-balanced to a grey background first, they counted as untouched (scripts/recoloured_counts.py).
+MIN_TINT_RED, MAX_TINT_RED = -0.14, 0.08
+MIN_TINT_BLUE, MAX_TINT_BLUE = -0.06, 0.16
 
 
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
 # samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
-# field on one host core (the three channels' mean at full resolution cost 1.2 ms), which is why a
-# GPU run measures every field on the GPU instead (batches.decoded_groups).
+# field on one host core (the three channels' mean at full resolution cost 1.2 ms; the background's
+# colour adds ~0.25 ms), which is why a GPU run measures every field on the GPU instead
+# (batches.decoded_groups).
 def _sampled(green):
     """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
     g = green[..., 0::2, 0::2]
@@ -67,40 +82,54 @@ def _laplacian(g):
     return g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
 
 
-def _rounded(focus: float, brightness: float) -> tuple[float | None, float]:
+def _rounded(focus: float, brightness: float, tint_red: float, tint_blue: float) -> Quality:
     """Focus is None for a field too small to have a Laplacian (under 5 pixels a side)."""
-    return (None if math.isnan(focus) else round(focus, 3)), round(brightness, 2)
+    return (None if math.isnan(focus) else round(focus, 3)), round(brightness, 2), round(tint_red, 3), round(tint_blue, 3)
+
+
+def _od(level):
+    """Optical density of mean 8-bit levels (numpy or torch)."""
+    return -((level + 1) / 256).log() if hasattr(level, "log") else -np.log((level + 1) / 256)
 
 
 def _too_small(g) -> bool:
     return g.shape[-1] < 3 or g.shape[-2] < 3
 
 
-def measure_host(field: np.ndarray) -> tuple[float | None, float]:
-    """(focus, brightness) of one HxWx3 uint8 field decoded on the host, in its decode thread
-    (numpy, so the decode threads never contend for torch's thread pool)."""
+def measure_host(field: np.ndarray) -> Quality:
+    """(focus, brightness, tint_red, tint_blue) of one HxWx3 uint8 field decoded on the host, in its
+    decode thread (numpy, so the decode threads never contend for torch's thread pool)."""
     g = _sampled(field[..., 1])
     focus = math.nan if _too_small(g) else float(_laplacian(g).var(dtype=np.float64))
-    return _rounded(focus, float(g.mean(dtype=np.float64)))
+    rank = int(0.8 * (g.size - 1))
+    bright = g >= np.partition(g.ravel(), rank)[rank]
+    # Channel by channel: 0.2 ms, where gathering the pixels' three channels at once took 0.5.
+    od = _od(np.array([field[0::2, 0::2, c][bright].mean(dtype=np.float64) for c in range(3)]))
+    return _rounded(focus, float(g.mean(dtype=np.float64)), float(od[0] - od[1]), float(od[2] - od[1]))
 
 
-def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float | None, float]]]:
+def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
     """Start measuring 3xHxW uint8 fields on their GPU (decoded there by nvJPEG, or uploaded for
-    the engine); calling the result gives their (focus, brightness). Queued before the batch's
+    the engine); calling the result gives their `Quality`. Queued before the batch's
     inference, and read back through pinned memory behind an event, so reading them never waits
     for a later batch. (CPU tensors, from the same paths where there is no GPU, are measured at
     once.)"""
     import torch
 
-    values = torch.empty((len(fields), 2), device=fields[0].device)
+    values = torch.empty((len(fields), 4), device=fields[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for i, f in enumerate(fields):
         by_shape.setdefault(tuple(f.shape), []).append(i)
     for idx in by_shape.values():       # one stacked pass per field size: usually the whole batch
+        rgb = torch.stack([fields[i] for i in idx])[..., 0::2, 0::2].flatten(2).float()     # n x 3 x pixels
         g = _sampled(torch.stack([fields[i][1] for i in idx]))
         focus = torch.full((len(idx),), math.nan, device=g.device) if _too_small(g) else \
             _laplacian(g).flatten(1).float().var(1, correction=0)
-        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1)], 1)
+        # The host's cut: the value at 0-based rank floor(0.8 (n - 1)) of the sampled greens.
+        cut = rgb[:, 1].kthvalue(int(0.8 * (rgb.shape[2] - 1)) + 1, 1, keepdim=True).values
+        bright = (rgb[:, 1] >= cut).float()
+        od = _od((rgb * bright[:, None]).sum(2) / bright.sum(1, keepdim=True))
+        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1), od[:, 0] - od[:, 1], od[:, 2] - od[:, 1]], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
@@ -109,7 +138,7 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[tuple[float 
     done = torch.cuda.Event()
     done.record()
 
-    def collect() -> list[tuple[float | None, float]]:
+    def collect() -> list[Quality]:
         done.synchronize()
         return [_rounded(*v) for v in host.tolist()]
     return collect
@@ -137,11 +166,28 @@ def recount_scale(cell_size: float | None) -> float | None:
     return round(min(MAX_RECOUNT_SCALE, max(MIN_RECOUNT_SCALE, TRAINING_RBC_SIZE / cell_size)), 2)
 
 
+def off_training_tint(tint_red: float | None, tint_blue: float | None) -> bool:
+    """Whether a field's background colour cast lies outside the training labs' (False where unmeasured)."""
+    return tint_red is not None and not (MIN_TINT_RED <= tint_red <= MAX_TINT_RED and MIN_TINT_BLUE <= tint_blue <= MAX_TINT_BLUE)
+
+
+def second_pass(cell_size: float | None, tint_red: float | None, tint_blue: float | None) -> tuple[float, tuple[float, float, float] | None] | None:
+    """How to count a field again, or None for a field like the training labs': (scale, gains) with
+    the scale of `recount_scale` (1 where the size is in range) and, for a colour cast off the
+    training labs', per-channel gains that make the background grey (its red and blue optical
+    densities brought to its green's; None where in range)."""
+    scale = recount_scale(cell_size)
+    gains = (math.exp(tint_red), 1.0, math.exp(tint_blue)) if off_training_tint(tint_red, tint_blue) else None
+    return None if scale is None and gains is None else (scale or 1.0, gains)
+
+
 def field_flags(counts: dict[str, int], focus: float | None, brightness: float | None,
+                tint_red: float | None = None, tint_blue: float | None = None,
                 cell_size: float | None = None, recounted_at: float | None = None) -> list[tuple[str, str]]:
-    """(flag, reason) pairs for one field. Fields stored before quality was measured have None;
+    """(flag, reason) pairs for one field: its counts, its `Quality` measures, its RBCs' size and the
+    scale of its second pass. Fields stored before a measure was taken have None for it;
     `cell_size` is `rbc_size`'s, None where it was not measured; `recounted_at` the scale at which
-    the field was counted again (`recount_scale`), None where it was not."""
+    the field was counted again (`second_pass`: 1 where only its colour was off), None where it was not."""
     flags = []
     if focus is not None and focus < MIN_FOCUS:
         flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; the training labs' fields 20.3-1349): out of focus? "
@@ -153,9 +199,15 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
         flags.append(("few cells", f"{counts['RBC']} RBC counted (< {MIN_RBC}; every training field has 4 or more): "
                                    "blank, out of focus, badly exposed or off the smear?"))
     # A field counted again stays flagged, also where its second pass measures otherwise.
-    if recounted_at or off_training_size(cell_size):
+    resized = recounted_at is not None and recounted_at != 1.0
+    if resized or off_training_size(cell_size):
         size = "unmeasured" if cell_size is None else f"{cell_size:.3f} of the field's short side"
-        again = f"; counted again at x{recounted_at:g}, with its RBCs at the training size" if recounted_at else ""
+        again = f"; counted again at x{recounted_at:g}, with its RBCs at the training size" if resized else ""
         flags.append(("cell size", f"RBCs {size} (the training labs' fields 0.175-0.285): "
                                    f"another magnification? RBC counts drift as cells shrink or grow{again}"))
+    if off_training_tint(tint_red, tint_blue):
+        again = "; counted again with its background made grey" if recounted_at is not None else ""
+        flags.append(("colour cast", f"background's red / blue optical density {tint_red:+.2f} / {tint_blue:+.2f} over its "
+                                     "green's (the training labs' fields -0.12..+0.06 / -0.04..+0.14): another lamp, "
+                                     f"filter or camera white balance? Platelet and WBC counts fall under a strong cast{again}"))
     return flags

@@ -8,7 +8,7 @@ FIELDS how many fields of each source (default 20, the first by name). A scale s
 2x2 and shrinks a window of 1/s of its size back to it (cells s times as large, s^-2 times as many);
 s > 1 enlarges the centre 1/s of the field. The expected count is the labelled RBCs whose centres
 lie in the window. Prints per source and scale the counted RBCs against the expected, once and
-with the fields off the training RBC size counted again as `run` does (`recount_off_scale`), and
+with the fields off the training RBC size counted again as `run` does (`count_again`), and
 `quality.rbc_size` (min / median / max over the fields) with how many fields it flags.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bccd_batch.backends import recount_off_scale
+from bccd_batch.backends import count_again
 from bccd_batch.backends.torch_eager import TorchEngine
 from bccd_batch.cells import class_counts, class_threshold
 from bccd_batch.decode import decode_file
 from bccd_batch.labels import read_labels
-from bccd_batch.quality import off_training_size, rbc_size
+from bccd_batch.quality import measure_host, off_training_size, rbc_size
 
 SCALES = (0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.4, 1.7, 2.0)
 
@@ -57,7 +57,7 @@ def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
                                 if x0 <= (b[1] + b[3]) / 2 + dx < x0 + cw and y0 <= (b[2] + b[4]) / 2 + dy < y0 + ch)
                 dets = engine.infer([image])[0]
                 counted += class_counts(dets, threshold)["RBC"]
-                recounted += class_counts(recount_off_scale(engine, [image], [dets])[0][0], threshold)["RBC"]
+                recounted += class_counts(count_again(engine, [image], [dets], [measure_host(image)])[0][0], threshold)["RBC"]
                 sizes.append(rbc_size(dets, cut, w, h))
             known = [x for x in sizes if x is not None]
             flagged = sum(1 for x in known if off_training_size(x))

@@ -32,10 +32,11 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     assert len(det) > 5 * 5 and {r[1] for r in det[1:]} == {"slide-A", "slide-B"}
     counts = read_csv(run_dir / "counts.csv")
     assert counts[0] == ["image", "slide", "width", "height", "RBC", "WBC", "Platelets", "focus", "brightness",
-                         "cell_size", "recounted_at", "flags"] and len(counts) == 6
+                         "tint_red", "tint_blue", "cell_size", "recounted_at", "flags"] and len(counts) == 6
     assert all(int(r[4]) > 3 for r in counts[1:])  # every BCCD field has several RBCs
     # measured, unflagged, counted once
-    assert all(float(r[7]) > 0 and float(r[8]) > 0 and 0.15 < float(r[9]) < 0.27 and r[10:] == ["", ""] for r in counts[1:])
+    assert all(float(r[7]) > 0 and float(r[8]) > 0 and abs(float(r[9])) < 0.08 and abs(float(r[10])) < 0.08
+               and 0.165 < float(r[11]) < 0.295 and r[12:] == ["", ""] for r in counts[1:]), counts     # grey BCCD backgrounds
     slides_csv = read_csv(run_dir / "slides.csv")
     assert [r[:3] for r in slides_csv[1:]] == [["slide-A", "3", "0"], ["slide-B", "2", "1"]]
     assert read_csv(run_dir / "errors.csv") == [["image", "reason"], ["slide-B/notes.jpg", "not a recognised image format"]]
@@ -86,13 +87,15 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
 # pass is the eager model's on the same GPU.
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_a_field_at_another_magnification_is_counted_again_and_says_so(tmp_path, bccd, device):
-    """A BCCD field and a copy at half the magnification (tiled 2x2, shrunk back) in one slide."""
+def test_fields_at_another_magnification_or_under_another_lamp_are_counted_again_and_say_so(tmp_path, bccd, device):
+    """A BCCD field, a copy at half the magnification (tiled 2x2, shrunk back) and one under a bluish
+    lamp, in one slide."""
     import numpy as np
     import torch
     from PIL import Image
 
     from bccd_batch.decode import decode_file
+    from test_quality import under_another_lamp
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -101,18 +104,23 @@ def test_a_field_at_another_magnification_is_counted_again_and_says_so(tmp_path,
     field = decode_file(bccd / "JPEGImages" / "BloodImage_00003.jpg")
     Image.fromarray(field).save(slide / "native.jpg", quality=95)
     Image.fromarray(np.tile(field, (2, 2, 1))).resize((640, 480), Image.BILINEAR).save(slide / "half.jpg", quality=95)
+    Image.fromarray(under_another_lamp(field)).save(slide / "lamp.jpg", quality=95)
     out = tmp_path / "out"
     cli("run", tmp_path / "slides", "--out", out, "--device", device, check_rc=0)
     info = json.loads((out / "latest" / "run.json").read_text())
     assert info["engine"] == ("torch-eager-fp32" if device == "cpu" else "compiled-fp16")
-    assert info["fields_decoded_on_gpu"] == (0 if device == "cpu" else 2)
+    assert info["fields_decoded_on_gpu"] == (0 if device == "cpu" else 3)
     counts = {r["image"]: r for r in csv.DictReader(open(out / "latest" / "counts.csv", newline=""))}
-    assert counts["s/native.jpg"]["recounted_at"] == "" and counts["s/native.jpg"]["flags"] == ""
-    assert float(counts["s/half.jpg"]["recounted_at"]) > 1.5 and counts["s/half.jpg"]["flags"] == "cell size"
+    native, half, lamp = (counts[f"s/{n}.jpg"] for n in ("native", "half", "lamp"))
+    assert native["recounted_at"] == "" and native["flags"] == ""
+    assert float(half["recounted_at"]) > 1.5 and half["flags"] == "cell size"
+    assert float(lamp["recounted_at"]) == 1.0 and lamp["flags"] == "colour cast" and float(lamp["tint_red"]) > 0.25
     # Counted again, the copy's RBCs come near four times the field's; counted once, the eager model
-    # found 45 of the 4 x 17 (tests/test_quality.py).
-    assert int(counts["s/half.jpg"]["RBC"]) > 3.5 * int(counts["s/native.jpg"]["RBC"]), counts
-    assert "counted again at x" in (out / "latest" / "report.html").read_text()
+    # found 45 of the 4 x 17 (tests/test_quality.py). White-balanced, the other copy counts as the field.
+    assert int(half["RBC"]) > 3.5 * int(native["RBC"]), counts
+    assert all(abs(int(lamp[c]) - int(native[c])) <= max(1, int(native[c]) // 10) for c in ("RBC", "WBC", "Platelets")), counts
+    report = (out / "latest" / "report.html").read_text()
+    assert "counted again at x" in report and "counted again with its background made grey" in report
 
 
 @pytest.mark.slow
@@ -378,7 +386,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
         if i == 3:
             p.error = "not a recognised image format"
         else:
-            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), (None, float(i))   # as a decode thread leaves it
+            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), (None, float(i), 0.0, 0.0)   # as a decode thread leaves it
         prepared.append(p)
     groups = list(batches(iter(prepared), RunsAhead(), 2, new_timings()))
     assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("submit", 2), ("collect", 1),

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 import numpy as np
 
 from ..cells import class_threshold
-from ..quality import rbc_size, recount_scale
+from ..quality import Quality, rbc_size, second_pass
 
 
 class EngineError(Exception):
@@ -50,27 +50,28 @@ def submit(engine: Engine, images: list[np.ndarray]) -> Callable[[], list[list[t
     return lambda: dets
 
 
-def recount_off_scale(engine: Engine, fields: list, dets: list[list[tuple]]) -> list[tuple[list[tuple], float | None]]:
-    """Each field's detections, and the scale it was counted at again (None: not): a field whose RBCs
-    measure outside the training labs' range (another magnification, `quality.recount_scale`) is
-    inferred again by the eager model resized so that they measure the training size; its
-    detections are then those of that second pass. A second pass that fails (out of memory: at x2 a
-    field is four times the pixels) keeps the first pass's detections, with a warning; such a field
-    is still flagged for its cell size."""
+def count_again(engine: Engine, fields: list, dets: list[list[tuple]],
+                qualities: list[Quality | None]) -> list[tuple[list[tuple], float | None]]:
+    """Each field's detections, and the scale it was counted at again (None: not). A field unlike the
+    training labs' (`quality.second_pass`: its RBCs' size, another magnification; its background's
+    colour cast, another lamp or camera) is inferred again by the eager model, resized so that its
+    RBCs measure the training size and white-balanced to a grey background, and its detections are
+    then that second pass's. A second pass that fails (out of memory: at x2 a field is four times
+    the pixels) keeps the first pass's detections, with a warning; such a field is still flagged."""
     cut = class_threshold(engine.card["thresholds"]["count"], "RBC")
     out = []
-    for field, d in zip(fields, dets):
+    for field, d, q in zip(fields, dets, qualities):
         h, w = field_hw(field)
-        scale = recount_scale(rbc_size(d, cut, w, h))
-        if scale is not None:
-            from ..model import detect_rescaled     # torch: only where a field is counted again
+        again = second_pass(rbc_size(d, cut, w, h), *(q[2:] if q else (None, None)))
+        scale = None
+        if again is not None:
+            from ..model import detect_again     # torch: only where a field is counted again
 
             try:
-                d = detect_rescaled(engine.model, field, engine.device, scale)
+                d, scale = detect_again(engine.model, field, engine.device, *again), again[0]
             except RuntimeError as e:      # torch's out-of-memory errors, CUDA's and the CPU allocator's
-                warnings.warn(f"a {w}x{h} field's second pass at x{scale:g} failed ({str(e).splitlines()[0][:200]}): "
+                warnings.warn(f"a {w}x{h} field's second pass at x{again[0]:g} failed ({str(e).splitlines()[0][:200]}): "
                               "its first count is kept")
-                scale = None
         out.append((d, scale))
     return out
 
