@@ -55,9 +55,9 @@ MIN_RECOUNT_SCALE, MAX_RECOUNT_SCALE = 0.5, 2.0
 # The background's colour cast: the optical density (-ln of the light let through) of its red and
 # blue over its green's, the background being the sampled pixels with the brightest fifth of green
 # levels (plasma and glass). BCCD's 292 fields: red -0.020..+0.057, blue -0.002..+0.077 (grey);
-# PBC's 353: red -0.122..-0.030, blue -0.036..+0.141 (yellowish). BCCD val fields under another lamp
-# (OD +0.3 red, -0.2 blue, a bluish cast) lost all their platelets, 9 of 20 WBCs and 17% of their RBCs;
-# white-balanced to a grey background first, they counted as untouched (scripts/recoloured_counts.py).
+# PBC's 353: red -0.122..-0.030, blue -0.036..+0.141 (yellowish). 20 BCCD val fields under a bluish
+# lamp (OD +0.3 red, -0.3 blue) lost all 23 platelets, 8 of 20 WBCs and 86% of their RBCs; counted
+# again white-balanced to a grey background, they missed 8 RBCs and no WBC (scripts/recoloured_counts.py).
 MIN_TINT_RED, MAX_TINT_RED = -0.14, 0.08
 MIN_TINT_BLUE, MAX_TINT_BLUE = -0.06, 0.16
 

@@ -38,11 +38,15 @@ def rescaled(field: np.ndarray, s: float) -> tuple[np.ndarray, tuple[float, floa
     return np.array(Image.fromarray(source).crop(window).resize((w, h), Image.BILINEAR)), (x0, y0, cw, ch), tiles
 
 
-def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
+def model_and_labels(model_dir: Path, labels: Path) -> tuple[TorchEngine, dict, float, dict]:
+    """The eager engine on the CPU, its count thresholds, the RBCs' one, and each field's labels."""
     engine = TorchEngine(model_dir, "cpu")
     threshold = engine.card["thresholds"]["count"]
-    cut = class_threshold(threshold, "RBC")
-    records = read_labels(labels).records
+    return engine, threshold, class_threshold(threshold, "RBC"), read_labels(labels).records
+
+
+def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
+    engine, threshold, cut, records = model_and_labels(model_dir, labels)
     for source in ("bccd_complete", "pbc"):
         fields = sorted((val / source).iterdir())[:n]
         for s in SCALES:
@@ -67,9 +71,15 @@ def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
                   f"cell size {spread}, {flagged} of {len(fields)} fields flagged", flush=True)
 
 
-if __name__ == "__main__":
+def arguments(doc: str) -> tuple[Path, Path, Path, int]:
+    """VAL [LABELS] [MODEL] [FIELDS] from the command line, with their defaults (this script's and
+    recoloured_counts.py's); the usage `doc` where VAL is missing."""
     args = sys.argv[1:]
     if not args:
-        sys.exit(__doc__)
-    main(Path(args[0]), Path(args[1] if len(args) > 1 else Path(__file__).resolve().parents[2] / "shared" / "data" / "txl_pbc"),
-         Path(args[2] if len(args) > 2 else "engines"), int(args[3]) if len(args) > 3 else 20)
+        sys.exit(doc)
+    return (Path(args[0]), Path(args[1] if len(args) > 1 else Path(__file__).resolve().parents[2] / "shared" / "data" / "txl_pbc"),
+            Path(args[2] if len(args) > 2 else "engines"), int(args[3]) if len(args) > 3 else 20)
+
+
+if __name__ == "__main__":
+    main(*arguments(__doc__))
