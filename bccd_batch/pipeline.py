@@ -183,7 +183,7 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
         if dets is None:
             m["error"] = p.error
         else:
-            m.update(zip(QUALITY, p.quality or (None,) * len(QUALITY)),
+            m.update(p.quality._asdict() if p.quality else dict.fromkeys(QUALITY),
                      width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, recounted_at=p.recounted_at)
         images.append(m)
     with store.transaction():

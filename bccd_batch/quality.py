@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-# A decoded field's measures, named by QUALITY (the store's and counts.csv's columns); focus is None
-# where the field is too small to have one.
-Quality = tuple[float | None, float, float, float]
-QUALITY = ("focus", "brightness", "tint_red", "tint_blue")
+
+class Quality(NamedTuple):
+    """A decoded field's measures (defined below); focus is None where the field is too small."""
+    focus: float | None
+    brightness: float
+    tint_red: float
+    tint_blue: float
+
+
+QUALITY = Quality._fields      # their names: the store's and counts.csv's columns
 
 # Variance of the Laplacian of the green channel sampled at every other pixel (`_sampled`): BCCD's
 # 292 fields 20.3-73.0. The 20 val fields blurred and saved as JPEG: at radius 2 px 7.2-11.9
@@ -84,7 +90,7 @@ def _laplacian(g):
 
 def _rounded(focus: float, brightness: float, tint_red: float, tint_blue: float) -> Quality:
     """Focus is None for a field too small to have a Laplacian (under 5 pixels a side)."""
-    return (None if math.isnan(focus) else round(focus, 3)), round(brightness, 2), round(tint_red, 3), round(tint_blue, 3)
+    return Quality(None if math.isnan(focus) else round(focus, 3), round(brightness, 2), round(tint_red, 3), round(tint_blue, 3))
 
 
 def _od(level):
@@ -116,13 +122,14 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
     once.)"""
     import torch
 
-    values = torch.empty((len(fields), 4), device=fields[0].device)
+    values = torch.empty((len(fields), len(QUALITY)), device=fields[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for i, f in enumerate(fields):
         by_shape.setdefault(tuple(f.shape), []).append(i)
     for idx in by_shape.values():       # one stacked pass per field size: usually the whole batch
-        rgb = torch.stack([fields[i] for i in idx])[..., 0::2, 0::2].flatten(2).float()     # n x 3 x pixels
-        g = _sampled(torch.stack([fields[i][1] for i in idx]))
+        stacked = torch.stack([fields[i] for i in idx])
+        rgb = stacked[..., 0::2, 0::2].flatten(2).float()     # n x 3 x pixels
+        g = _sampled(stacked[:, 1])
         focus = torch.full((len(idx),), math.nan, device=g.device) if _too_small(g) else \
             _laplacian(g).flatten(1).float().var(1, correction=0)
         # The host's cut: the value at 0-based rank floor(0.8 (n - 1)) of the sampled greens.

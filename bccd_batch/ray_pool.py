@@ -26,7 +26,7 @@ from .batches import Prepared, decoded_groups, new_timings, start_engine
 from .discover import ImageFile
 from .model import ModelError, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
-from .quality import QUALITY
+from .quality import QUALITY, Quality
 from .workers import WORKERS_PER_GPU, decode_threads
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def _result_table(pa, group: list[tuple], timings: dict, engine):
     return pa.table({
         "rel": [p.file.rel for p in ps], "size": [p.size for p in ps], "mtime_ns": [p.mtime_ns for p in ps],
         "sha256": [p.sha256 for p in ps], "error": [p.error for p in ps], "skip": [p.skip for p in ps],
-        **{k: [p.quality[i] if p.quality else None for p in ps] for i, k in enumerate(QUALITY)},
+        **{k: [getattr(p.quality, k) if p.quality else None for p in ps] for k in QUALITY},
         "recounted_at": [p.recounted_at for p in ps],
         "height": [h for h, _ in hws], "width": [w for _, w in hws],
         "dets": [d for _, _, d in group],
@@ -128,7 +128,7 @@ def _group(cols: dict, i: int, by_rel: dict) -> tuple:
     p = Prepared(by_rel[cols["rel"][i]], size=cols["size"][i], mtime_ns=cols["mtime_ns"][i], sha256=cols["sha256"][i],
                  error=cols["error"][i], skip=cols["skip"][i], recounted_at=cols["recounted_at"][i])
     if cols["brightness"][i] is not None:
-        p.quality = tuple(cols[k][i] for k in QUALITY)
+        p.quality = Quality(*(cols[k][i] for k in QUALITY))
     hw = (cols["height"][i], cols["width"][i]) if cols["height"][i] is not None else None
     return p, hw, cols["dets"][i]
 

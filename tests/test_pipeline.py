@@ -367,6 +367,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
 
     from bccd_batch.discover import ImageFile
     from bccd_batch.batches import Prepared, batches, new_timings
+    from bccd_batch.quality import Quality
     from bccd_batch.store import unpack_detections
 
     events = []
@@ -386,7 +387,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
         if i == 3:
             p.error = "not a recognised image format"
         else:
-            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), (None, float(i), 0.0, 0.0)   # as a decode thread leaves it
+            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), Quality(None, float(i), 0.0, 0.0)   # as a decode thread leaves it
         prepared.append(p)
     groups = list(batches(iter(prepared), RunsAhead(), 2, new_timings()))
     assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("submit", 2), ("collect", 1),

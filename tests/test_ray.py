@@ -162,11 +162,12 @@ def test_what_crosses_ray_is_plain_arrow_columns():
 
     from bccd_batch.batches import Prepared, new_timings
     from bccd_batch.discover import ImageFile
+    from bccd_batch.quality import Quality
     from bccd_batch.ray_pool import _fields_table, _result_table
 
     files = [ImageFile("s/a.jpg", "s", "/x/s/a.jpg"), ImageFile("s/b.jpg", "s", "/x/s/b.jpg")]
     work = _fields_table(pa, files, {"s/a.jpg": (10, 5, "ab" * 32, "ok", None, "m" * 64)})
-    ok = Prepared(files[0], size=10, mtime_ns=5, sha256="ab" * 32, quality=(1.5, 0.6, 0.01, -0.02))
+    ok = Prepared(files[0], size=10, mtime_ns=5, sha256="ab" * 32, quality=Quality(1.5, 0.6, 0.01, -0.02))
     bad = Prepared(files[1], size=3, mtime_ns=6, sha256="cd" * 32, error="not a recognised image format")
     engine = type("Engine", (), {"name": "torch-eager-fp32", "device_name": "cpu"})
     result = _result_table(pa, [(ok, (480, 640), b"\x00" * 24), (bad, None, None)], new_timings(), engine)

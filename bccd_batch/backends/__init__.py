@@ -62,7 +62,7 @@ def count_again(engine: Engine, fields: list, dets: list[list[tuple]],
     out = []
     for field, d, q in zip(fields, dets, qualities):
         h, w = field_hw(field)
-        again = second_pass(rbc_size(d, cut, w, h), *(q[2:] if q else (None, None)))
+        again = second_pass(rbc_size(d, cut, w, h), *((q.tint_red, q.tint_blue) if q else (None, None)))
         scale = None
         if again is not None:
             from ..model import detect_again     # torch: only where a field is counted again
