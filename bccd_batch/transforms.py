@@ -149,13 +149,15 @@ def paste_cells(img, boxes, labels, bank, rng, n_max=3, max_cover=0.2, tries=10)
     return img, torch.cat(new_boxes), torch.cat(new_labels)
 
 
-def augment(img, boxes, labels, rng):
-    """`rng`: the `random` module or a `random.Random` (anything with random/uniform/randint)."""
-    if rng.random() < 0.5:
+def augment(img, boxes, labels, rng, orient: float = 0.5):
+    """`rng`: the `random` module or a `random.Random` (anything with random/uniform/randint);
+    `orient`: the probability of each of the horizontal flip, vertical flip and 90° rotation (0 keeps
+    fields as labelled; the draws are made either way, so the rest of the stream does not change)."""
+    if rng.random() < orient:
         img, boxes = hflip(img, boxes)
-    if rng.random() < 0.5:
+    if rng.random() < orient:
         img, boxes = vflip(img, boxes)
-    if rng.random() < 0.5:
+    if rng.random() < orient:
         img, boxes = rot90(img, boxes)
     if rng.random() < 0.5:
         img, boxes, labels = random_crop(img, boxes, labels, rng)

@@ -73,13 +73,24 @@ def test_pasted_cells_are_labelled_where_they_land_and_cover_no_labelled_cell():
 
 
 class _Draws:
-    """A stand-in for `random` that returns the given draws in order (uniform only)."""
+    """A stand-in for `random` that returns the given draws in order."""
 
     def __init__(self, *draws):
         self.draws = list(draws)
 
     def uniform(self, lo, hi):
         return self.draws.pop(0)
+
+    random = lambda self: self.draws.pop(0)  # noqa: E731
+
+
+@pytest.mark.parametrize("orient", [0.5, 0.0])
+def test_orient_zero_keeps_each_field_as_labelled(orient):
+    # Draws of 0.3 for the two flips and the rotation, 0.9 (no crop, no colour jitter) after them.
+    img, boxes = painted(10, 5, 30, 20)
+    out, moved, _ = T.augment(img, boxes, torch.tensor([1]), _Draws(0.3, 0.3, 0.3, 0.9, 0.9), orient)
+    assert moved[0].tolist() == frame(out)
+    assert torch.equal(out, img) == (orient == 0.0)
 
 
 def test_stain_jitter_scales_each_colours_optical_density():
