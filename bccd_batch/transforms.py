@@ -46,16 +46,22 @@ def colour_jitter(img: torch.Tensor, rng) -> torch.Tensor:
     return img
 
 
-def stain_jitter(img: torch.Tensor, rng, scale: float = 0.3, shift: float = 0.1) -> torch.Tensor:
-    """Another lab's staining, by Beer-Lambert: each channel's optical density (-log of the light
-    let through) scaled by its own factor in 1 ± `scale` (how much stain the cells took up) and
-    shifted by ± `shift` (the illuminant's balance). Unlike RGB brightness or hue jitter the scaling
-    recolours stained cells and leaves unstained plasma as it was; only the shift moves the plasma,
-    as another lamp or camera white balance would."""
-    a = torch.tensor([rng.uniform(1 - scale, 1 + scale) for _ in range(3)]).view(3, 1, 1)
-    b = torch.tensor([rng.uniform(-shift, shift) for _ in range(3)]).view(3, 1, 1)
+def restain(img: torch.Tensor, scale=(1.0, 1.0, 1.0), shift=(0.0, 0.0, 0.0)) -> torch.Tensor:
+    """A 3xHxW uint8 field with each channel's optical density (-log of the light let through)
+    multiplied by `scale` and raised by `shift`, by Beer-Lambert: scaling recolours stained cells and
+    leaves unstained plasma as it was (how much stain the cells took up); only the shift moves the
+    plasma, as another lamp or camera white balance would."""
+    a = torch.tensor(scale, dtype=torch.float32).view(3, 1, 1)
+    b = torch.tensor(shift, dtype=torch.float32).view(3, 1, 1)
     od = -torch.log((img.float() + 1) / 256)
     return (256 * torch.exp(-(od * a + b)) - 1).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def stain_jitter(img: torch.Tensor, rng, scale: float = 0.3, shift: float = 0.1) -> torch.Tensor:
+    """Another lab's staining (`restain`): each channel's optical density scaled by its own factor in
+    1 ± `scale` and shifted by ± `shift`. Unlike RGB brightness or hue jitter it keeps the plasma's
+    colour apart from the cells'."""
+    return restain(img, [rng.uniform(1 - scale, 1 + scale) for _ in range(3)], [rng.uniform(-shift, shift) for _ in range(3)])
 
 
 def _shifted(boxes: torch.Tensor, dx: float, dy: float) -> torch.Tensor:

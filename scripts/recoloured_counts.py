@@ -16,19 +16,20 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from bccd_batch.backends import count_again
 from bccd_batch.cells import CLASSES, class_counts
 from bccd_batch.decode import decode_file
 from bccd_batch.quality import field_flags, measure_host, rbc_size
+from bccd_batch.transforms import restain
 from rescaled_counts import arguments, model_and_labels
 
 
 def optical_density(a: np.ndarray, scale=(1.0, 1.0, 1.0), shift=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """Each channel's optical density scaled and shifted (Beer-Lambert, as training's stain jitter)."""
-    od = -np.log((a.astype(np.float64) + 1) / 256)
-    return np.clip(np.round(256 * np.exp(-(od * np.array(scale) + np.array(shift))) - 1), 0, 255).astype(np.uint8)
+    """Each channel's optical density scaled and shifted (`transforms.restain`, as training's stain jitter)."""
+    return restain(torch.from_numpy(a).permute(2, 0, 1), scale, shift).permute(1, 2, 0).numpy()
 
 
 def pil(change):

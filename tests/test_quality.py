@@ -12,6 +12,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from bccd_batch.decode import decode_bytes, decode_file, decode_on_device
 from bccd_batch.quality import MIN_FOCUS, field_flags, measure_device, measure_host, rbc_size, recount_scale, second_pass
+from bccd_batch.transforms import restain
 from conftest import FIGURES, MODEL
 
 HEALTHY = {"RBC": 12, "WBC": 1, "Platelets": 1}
@@ -138,8 +139,7 @@ def test_a_second_pass_that_fails_keeps_the_first_count(monkeypatch):
 def under_another_lamp(field: np.ndarray, red: float = 0.3, blue: float = -0.2) -> np.ndarray:
     """The field as a bluish lamp or camera white balance shows it: each pixel's red optical density
     raised by `red`, its blue's by `blue` (Beer-Lambert, as training's stain jitter shifts them)."""
-    od = -np.log((field.astype(np.float64) + 1) / 256) + np.array([red, 0.0, blue])
-    return np.clip(np.round(256 * np.exp(-od) - 1), 0, 255).astype(np.uint8)
+    return restain(torch.from_numpy(field).permute(2, 0, 1), shift=(red, 0.0, blue)).permute(1, 2, 0).numpy()
 
 
 def test_colour_cast_is_the_backgrounds_red_and_blue_density_over_its_green_and_is_flagged_off_the_labs_range(bccd):

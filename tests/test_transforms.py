@@ -81,7 +81,8 @@ class _Draws:
     def uniform(self, lo, hi):
         return self.draws.pop(0)
 
-    random = lambda self: self.draws.pop(0)  # noqa: E731
+    def random(self):
+        return self.draws.pop(0)
 
 
 @pytest.mark.parametrize("orient", [0.5, 0.0])
