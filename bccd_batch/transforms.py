@@ -1,7 +1,9 @@
 """Training augmentation for blood smears: plain functions on (uint8 CHW image, Nx4 xyxy boxes, N labels).
 
 Smear fields have no canonical orientation, so all eight flips/90° rotations are equally valid
-(other angles would turn a box into one that can only be estimated); stain and illumination vary between labs, so colour jitter is strong; cells vary in size between
+for the cells (other angles would turn a box into one that can only be estimated), though not always
+for their labels: a labelling that draws its boxes to one side of the cells is only learnable from
+fields kept as labelled (`augment`'s `orient` 0; docs/model.md); stain and illumination vary between labs, so colour jitter is strong; cells vary in size between
 scanners, which the model's multi-scale training resize covers. Scale is not done here.
 """
 
