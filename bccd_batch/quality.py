@@ -1,5 +1,5 @@
 """Per-field image quality: pixel measures taken when a field is decoded (focus, brightness, the
-background's colour cast), one taken from its detections (the RBCs' size: the magnification), and the
+background's colour cast, the stain's colour), one taken from its detections (the RBCs' size: the magnification), and the
 flags that tell a reviewer which fields' counts not to trust unseen. A field whose cells or background
 are unlike the training labs' is counted a second time brought to their look (`second_pass`).
 
@@ -29,6 +29,7 @@ class Quality(NamedTuple):
     brightness: float
     tint_red: float
     tint_blue: float
+    stain: float
 
 
 QUALITY = Quality._fields      # their names: the store's and counts.csv's columns
@@ -66,13 +67,20 @@ MIN_RECOUNT_SCALE, MAX_RECOUNT_SCALE = 0.5, 2.0
 # again white-balanced to a grey background, they missed 8 RBCs and no WBC (scripts/recoloured_counts.py).
 MIN_TINT_RED, MAX_TINT_RED = -0.14, 0.08
 MIN_TINT_BLUE, MAX_TINT_BLUE = -0.06, 0.16
+# The stain's colour: the green-over-red optical density of the darkest fifth of sampled greens
+# (stained cells) less the background's, so a lamp's cast cancels out. BCCD's 292 fields 0.144-0.248,
+# PBC's 353 0.124-0.489; a field in grey levels 0. 20 BCCD val fields in grey levels lost all 23
+# platelets and 11 of 20 WBCs, with saturation x0.3 (0.049-0.057) 13 platelets; at x0.5 they counted
+# as untouched (scripts/recoloured_counts.py, 2026-12-06).
+MIN_STAIN = 0.07
 
 
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
 # samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
-# field on one host core (the three channels' mean at full resolution cost 1.2 ms; the background's
-# colour adds ~0.25 ms), which is why a GPU run measures every field on the GPU instead
-# (batches.decoded_groups).
+# field on one host core (the three channels' mean at full resolution cost 1.2 ms); with the
+# background's and the stained cells' colours 0.84 ms on the 2-core development machine (0.56 with
+# the background's alone, 2026-12-06), which is why a GPU run measures every field on the GPU
+# instead (batches.decoded_groups).
 def _sampled(green):
     """[..., H, W] green levels (numpy or torch) -> every other pixel of every other row, int16."""
     g = green[..., 0::2, 0::2]
@@ -88,9 +96,10 @@ def _laplacian(g):
     return g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
 
 
-def _rounded(focus: float, brightness: float, tint_red: float, tint_blue: float) -> Quality:
+def _rounded(focus: float, brightness: float, tint_red: float, tint_blue: float, stain: float) -> Quality:
     """Focus is None for a field too small to have a Laplacian (under 5 pixels a side)."""
-    return Quality(None if math.isnan(focus) else round(focus, 3), round(brightness, 2), round(tint_red, 3), round(tint_blue, 3))
+    return Quality(None if math.isnan(focus) else round(float(focus), 3), round(float(brightness), 2),
+                   round(float(tint_red), 3), round(float(tint_blue), 3), round(float(stain), 3))
 
 
 def _od(level):
@@ -103,15 +112,28 @@ def _too_small(g) -> bool:
 
 
 def measure_host(field: np.ndarray) -> Quality:
-    """(focus, brightness, tint_red, tint_blue) of one HxWx3 uint8 field decoded on the host, in its
-    decode thread (numpy, so the decode threads never contend for torch's thread pool)."""
+    """The `Quality` of one HxWx3 uint8 field decoded on the host, in its decode thread (numpy, so
+    the decode threads never contend for torch's thread pool)."""
     g = _sampled(field[..., 1])
     focus = math.nan if _too_small(g) else float(_laplacian(g).var(dtype=np.float64))
-    rank = int(0.8 * (g.size - 1))
-    bright = g >= np.partition(g.ravel(), rank)[rank]
-    # Channel by channel: 0.2 ms, where gathering the pixels' three channels at once took 0.5.
-    od = _od(np.array([field[0::2, 0::2, c][bright].mean(dtype=np.float64) for c in range(3)]))
-    return _rounded(focus, float(g.mean(dtype=np.float64)), float(od[0] - od[1]), float(od[2] - od[1]))
+    # One partition per rank: numpy's partition at both ranks at once took 0.7 ms against 0.02 each.
+    dark_cut, bright_cut = (np.partition(g.ravel(), rank)[rank] for rank in _ranks(g.size))
+    # Channel by channel: 0.2 ms a mask, where gathering the pixels' three channels at once took 0.5.
+    od = [_od(np.array([field[0::2, 0::2, c][chosen].mean(dtype=np.float64) for c in range(3)]))
+          for chosen in (g >= bright_cut, g <= dark_cut)]
+    return _rounded(focus, float(g.mean(dtype=np.float64)), *_colour(*od))
+
+
+def _ranks(n: int) -> tuple[int, int]:
+    """0-based ranks, among n sampled greens, of the darkest fifth's highest and the brightest fifth's lowest."""
+    return int(0.2 * (n - 1)), int(0.8 * (n - 1))
+
+
+def _colour(background, stained):
+    """(tint_red, tint_blue, stain) from the background's and the stained cells' [red, green, blue]
+    optical densities (numpy, or torch with the field in the first dimension)."""
+    return (background[..., 0] - background[..., 1], background[..., 2] - background[..., 1],
+            (stained[..., 1] - stained[..., 0]) - (background[..., 1] - background[..., 0]))
 
 
 def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
@@ -132,11 +154,12 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
         g = _sampled(stacked[:, 1])
         focus = torch.full((len(idx),), math.nan, device=g.device) if _too_small(g) else \
             _laplacian(g).flatten(1).float().var(1, correction=0)
-        # The host's cut: the value at 0-based rank floor(0.8 (n - 1)) of the sampled greens.
-        cut = rgb[:, 1].kthvalue(int(0.8 * (rgb.shape[2] - 1)) + 1, 1, keepdim=True).values
-        bright = (rgb[:, 1] >= cut).float()
-        od = _od((rgb * bright[:, None]).sum(2) / bright.sum(1, keepdim=True))
-        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1), od[:, 0] - od[:, 1], od[:, 2] - od[:, 1]], 1)
+        od = []
+        for rank, brighter in zip(_ranks(rgb.shape[2]), (False, True)):   # the host's cuts
+            cut = rgb[:, 1].kthvalue(rank + 1, 1, keepdim=True).values
+            chosen = (rgb[:, 1] >= cut if brighter else rgb[:, 1] <= cut).float()
+            od.append(_od((rgb * chosen[:, None]).sum(2) / chosen.sum(1, keepdim=True)))
+        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1), *_colour(od[1], od[0])], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
@@ -189,7 +212,7 @@ def second_pass(cell_size: float | None, tint_red: float | None, tint_blue: floa
 
 
 def field_flags(counts: dict[str, int], focus: float | None, brightness: float | None,
-                tint_red: float | None = None, tint_blue: float | None = None,
+                tint_red: float | None = None, tint_blue: float | None = None, stain: float | None = None,
                 cell_size: float | None = None, recounted_at: float | None = None) -> list[tuple[str, str]]:
     """(flag, reason) pairs for one field: its counts, its `Quality` measures, its RBCs' size and the
     scale of its second pass. Fields stored before a measure was taken have None for it;
@@ -217,4 +240,8 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
         flags.append(("colour cast", f"background's red / blue optical density {tint_red:+.2f} / {tint_blue:+.2f} over its "
                                      "green's (the training labs' fields -0.12..+0.06 / -0.04..+0.14): another lamp, "
                                      f"filter or camera white balance? Platelet and WBC counts fall under a strong cast{again}"))
+    if stain is not None and stain < MIN_STAIN:
+        flags.append(("faint stain", f"the cells' colour {stain:.2f} (green over red optical density beyond the background's; "
+                                     f"< {MIN_STAIN:g}, the training labs' fields 0.12-0.49): grey levels, a pale stain or "
+                                     "a camera's saturation turned down? Platelets and WBCs are missed as colour fades"))
     return flags

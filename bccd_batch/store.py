@@ -21,8 +21,9 @@ STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
 # PRAGMA user_version. 0: detections one row each, keyed by (root, rel); 2: one row each, keyed by
 # images.id; 3: packed into their image's row; 4: each image's focus and brightness (quality.py);
 # 5: the scale a field off the training magnification was counted again at (quality.recount_scale);
-# 6: each image's background colour cast (quality.py's tint_red, tint_blue).
-SCHEMA_VERSION = 6
+# 6: each image's background colour cast (quality.py's tint_red, tint_blue); 7: its stain's colour
+# (quality.py's stain).
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS images (
     focus REAL, brightness REAL,        -- quality.py's measures (NULL: error, or stored before version 4)
     recounted_at REAL,                  -- the scale of its second pass (NULL: counted once)
     tint_red REAL, tint_blue REAL,      -- quality.py's colour cast (NULL: error, or stored before version 6)
+    stain REAL,                         -- quality.py's stain colour (NULL: error, or stored before version 7)
     UNIQUE (root, rel)
 );
 CREATE TABLE IF NOT EXISTS run_images (
@@ -109,6 +111,8 @@ MIGRATE_FROM_3 = "ALTER TABLE images ADD COLUMN focus REAL; ALTER TABLE images A
 MIGRATE_FROM_4 = "ALTER TABLE images ADD COLUMN recounted_at REAL"
 # Versions up to 5 -> 6: fields measured before stay without a colour cast (NULL) until processed again.
 MIGRATE_FROM_5 = "ALTER TABLE images ADD COLUMN tint_red REAL; ALTER TABLE images ADD COLUMN tint_blue REAL"
+# Versions up to 6 -> 7: likewise without a stain colour.
+MIGRATE_FROM_6 = "ALTER TABLE images ADD COLUMN stain REAL"
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -151,6 +155,8 @@ class Store:
                 self._run_script(MIGRATE_FROM_4)
             if "tint_red" not in columns:
                 self._run_script(MIGRATE_FROM_5)
+            if "stain" not in columns:
+                self._run_script(MIGRATE_FROM_6)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _run_script(self, script: str) -> None:
@@ -209,21 +215,21 @@ class Store:
         """Replace everything known about each image and mark it new (failed when it has an
         `error`); call inside a transaction. Keys: rel, slide, size, mtime_ns, sha256, and either
         width, height, model_sha256, detections (`pack_detections` bytes), focus, brightness,
-        tint_red, tint_blue and recounted_at, or error."""
+        tint_red, tint_blue, stain and recounted_at, or error."""
         self.db.executemany(
             "INSERT INTO images (root, rel, slide, size, mtime_ns, sha256, width, height, status, error,"
-            " model_sha256, run_id, detections, focus, brightness, recounted_at, tint_red, tint_blue)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " model_sha256, run_id, detections, focus, brightness, recounted_at, tint_red, tint_blue, stain)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (root, rel) DO UPDATE SET slide=excluded.slide, size=excluded.size,"
             " mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, width=excluded.width, height=excluded.height,"
             " status=excluded.status, error=excluded.error, model_sha256=excluded.model_sha256,"
             " run_id=excluded.run_id, detections=excluded.detections, focus=excluded.focus,"
             " brightness=excluded.brightness, recounted_at=excluded.recounted_at, tint_red=excluded.tint_red,"
-            " tint_blue=excluded.tint_blue",
+            " tint_blue=excluded.tint_blue, stain=excluded.stain",
             [(root, m["rel"], m["slide"], m["size"], m["mtime_ns"], m["sha256"], m.get("width"), m.get("height"),
               "error" if m.get("error") else "ok", m.get("error"), m.get("model_sha256"), run_id,
               None if m.get("error") else m["detections"], m.get("focus"), m.get("brightness"), m.get("recounted_at"),
-              m.get("tint_red"), m.get("tint_blue"))
+              m.get("tint_red"), m.get("tint_blue"), m.get("stain"))
              for m in images])
         self.mark(run_id, [(m["rel"], "failed" if m.get("error") else "new") for m in images])
 

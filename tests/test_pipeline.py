@@ -32,11 +32,11 @@ def test_run_outputs_rerun_and_full(slides, tmp_path, bccd):
     assert len(det) > 5 * 5 and {r[1] for r in det[1:]} == {"slide-A", "slide-B"}
     counts = read_csv(run_dir / "counts.csv")
     assert counts[0] == ["image", "slide", "width", "height", "RBC", "WBC", "Platelets", "focus", "brightness",
-                         "tint_red", "tint_blue", "cell_size", "recounted_at", "flags"] and len(counts) == 6
+                         "tint_red", "tint_blue", "stain", "cell_size", "recounted_at", "flags"] and len(counts) == 6
     assert all(int(r[4]) > 3 for r in counts[1:])  # every BCCD field has several RBCs
     # measured, unflagged, counted once
     assert all(float(r[7]) > 0 and float(r[8]) > 0 and abs(float(r[9])) < 0.08 and abs(float(r[10])) < 0.08
-               and 0.165 < float(r[11]) < 0.295 and r[12:] == ["", ""] for r in counts[1:]), counts     # grey BCCD backgrounds
+               and float(r[11]) > 0.1 and 0.165 < float(r[12]) < 0.295 and r[13:] == ["", ""] for r in counts[1:]), counts     # grey BCCD backgrounds
     slides_csv = read_csv(run_dir / "slides.csv")
     assert [r[:3] for r in slides_csv[1:]] == [["slide-A", "3", "0"], ["slide-B", "2", "1"]]
     assert read_csv(run_dir / "errors.csv") == [["image", "reason"], ["slide-B/notes.jpg", "not a recognised image format"]]
@@ -387,7 +387,7 @@ def test_batches_submit_the_next_before_collecting_the_last():
         if i == 3:
             p.error = "not a recognised image format"
         else:
-            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), Quality(None, float(i), 0.0, 0.0)   # as a decode thread leaves it
+            p.array, p.quality = np.full((4, 4, 3), i, np.uint8), Quality(None, float(i), 0.0, 0.0, 0.2)   # as a decode thread leaves it
         prepared.append(p)
     groups = list(batches(iter(prepared), RunsAhead(), 2, new_timings()))
     assert events == [("submit", 0), ("submit", 1), ("collect", 0), ("submit", 2), ("collect", 1),

@@ -56,8 +56,8 @@ def test_a_field_too_small_for_a_laplacian_has_no_focus_and_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         host, device = _both_ways([field])
-    assert host == device == [(None, 200.0, 0.0, 0.0)]
-    assert field_flags(HEALTHY, *host[0]) == []
+    assert host == device == [(None, 200.0, 0.0, 0.0, 0.0)]
+    assert [f for f, _ in field_flags(HEALTHY, *host[0])] == ["faint stain"]     # no colour; its focus is not judged
 
 
 def test_few_cells_is_flagged_and_unmeasured_fields_are_not_judged():
@@ -144,10 +144,12 @@ def under_another_lamp(field: np.ndarray, red: float = 0.3, blue: float = -0.2) 
 
 def test_colour_cast_is_the_backgrounds_red_and_blue_density_over_its_green_and_is_flagged_off_the_labs_range(bccd):
     field = decode_file(bccd / "JPEGImages" / "BloodImage_00003.jpg")
-    *_, red, blue = measure_host(field)
+    native, cast = measure_host(field), measure_host(under_another_lamp(field))
+    red, blue, red2, blue2 = native.tint_red, native.tint_blue, cast.tint_red, cast.tint_blue
     assert abs(red) < 0.06 and abs(blue) < 0.08, (red, blue)       # BCCD's backgrounds are grey
-    *_, red2, blue2 = measure_host(under_another_lamp(field))
     assert red2 - red == pytest.approx(0.3, abs=0.02) and blue2 - blue == pytest.approx(-0.2, abs=0.02)
+    # A lamp shifts the background's densities and the cells' alike: the stain's colour stays.
+    assert cast.stain == pytest.approx(native.stain, abs=0.01)
     assert field_flags(HEALTHY, None, None, red, blue) == [] and second_pass(None, red, blue) is None
     [(flag, reason)] = field_flags(HEALTHY, None, None, red2, blue2)
     assert flag == "colour cast" and "counted again" not in reason
@@ -182,14 +184,27 @@ def test_a_field_under_another_lamp_is_counted_again_white_balanced(bccd):
     assert all(abs(balanced[c] - native[c]) <= max(1, native[c] // 10) for c in native), (native, balanced)
 
 
-def test_host_measures_are_the_sampled_greens_mean_and_laplacian_variance_and_the_backgrounds_colour():
+def test_host_measures_are_the_sampled_greens_mean_and_laplacian_variance_and_the_background_and_stain_colours():
     rng = np.random.default_rng(0)
     field = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
     green = field[::2, ::2, 1].astype(np.float64)
     lap = green[:-2, 1:-1] + green[2:, 1:-1] + green[1:-1, :-2] + green[1:-1, 2:] - 4 * green[1:-1, 1:-1]
-    bright = green >= np.sort(green.ravel())[int(0.8 * (green.size - 1))]       # the brightest fifth: the background
-    od = -np.log((field[::2, ::2][bright].mean(0) + 1) / 256)
-    assert measure_host(field) == (round(lap.var(), 3), round(green.mean(), 2), round(od[0] - od[1], 3), round(od[2] - od[1], 3))
+    ordered = np.sort(green.ravel())
+    bright = green >= ordered[int(0.8 * (green.size - 1))]       # the brightest fifth: the background
+    dark = green <= ordered[int(0.2 * (green.size - 1))]         # the darkest fifth: stained cells
+    od, od_dark = (-np.log((field[::2, ::2][m].mean(0) + 1) / 256) for m in (bright, dark))
+    assert measure_host(field) == (round(lap.var(), 3), round(green.mean(), 2), round(od[0] - od[1], 3), round(od[2] - od[1], 3),
+                                   round((od_dark[1] - od_dark[0]) - (od[1] - od[0]), 3))
+
+
+def test_a_field_in_grey_levels_or_faintly_stained_is_flagged_and_both_labs_fields_are_not(bccd):
+    field = decode_file(bccd / "JPEGImages" / "BloodImage_00003.jpg")
+    grey = np.repeat(np.asarray(Image.fromarray(field).convert("L"))[..., None], 3, axis=2)
+    faint = np.asarray(ImageEnhance.Color(Image.fromarray(field)).enhance(0.3))
+    assert measure_host(grey).stain == 0.0
+    assert [_flags(Image.fromarray(f)) for f in (field, grey, faint)] == [[], ["faint stain"], ["faint stain"]]
+    both_labs = sorted((bccd.parent / "txl_pbc" / "images").iterdir())       # 132 BCCD and 353 PBC fields
+    assert min((measure_host(decode_file(p)).stain, p.name) for p in both_labs)[0] > 0.1
 
 
 def _both_ways(fields: list[np.ndarray]):
@@ -222,7 +237,7 @@ def test_nvjpeg_fields_measure_as_pillows_do(bccd):
     tint = np.abs(device[:, 2:] - host[:, 2:]).max()
     FIGURES.append(f"quality: nvJPEG (measured on the GPU) vs Pillow (on the host) over {len(paths)} BCCD fields, "
                    f"focus differs by {rel[:, 0].mean():.2%} on average ({rel[:, 0].max():.2%} at worst), "
-                   f"brightness by {rel[:, 1].max():.3%} at worst, colour cast by {tint:.3f} OD at worst; "
+                   f"brightness by {rel[:, 1].max():.3%} at worst, colour cast and stain colour by {tint:.3f} OD at worst; "
                    f"lowest focus {device[:, 0].min():.2f} / {host[:, 0].min():.2f}")
     assert not [f for q in device for f in field_flags(HEALTHY, *q)]
     # Smaller than the margin between BCCD's least sharp field and the threshold, and than any

@@ -19,7 +19,7 @@ from test_pipeline import _slow_folder, _wait_for_rows, read_csv
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'bccd-batch[ray]')")
 
 FIELD_COLUMNS = ("rel, slide, size, mtime_ns, sha256, width, height, status, error, model_sha256, detections, focus, brightness,"
-                 " tint_red, tint_blue, recounted_at")
+                 " tint_red, tint_blue, stain, recounted_at")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_what_crosses_ray_is_plain_arrow_columns():
 
     files = [ImageFile("s/a.jpg", "s", "/x/s/a.jpg"), ImageFile("s/b.jpg", "s", "/x/s/b.jpg")]
     work = _fields_table(pa, files, {"s/a.jpg": (10, 5, "ab" * 32, "ok", None, "m" * 64)})
-    ok = Prepared(files[0], size=10, mtime_ns=5, sha256="ab" * 32, quality=Quality(1.5, 0.6, 0.01, -0.02))
+    ok = Prepared(files[0], size=10, mtime_ns=5, sha256="ab" * 32, quality=Quality(1.5, 0.6, 0.01, -0.02, 0.19))
     bad = Prepared(files[1], size=3, mtime_ns=6, sha256="cd" * 32, error="not a recognised image format")
     engine = type("Engine", (), {"name": "torch-eager-fp32", "device_name": "cpu"})
     result = _result_table(pa, [(ok, (480, 640), b"\x00" * 24), (bad, None, None)], new_timings(), engine)

@@ -164,8 +164,8 @@ def test_fields_without_labels_come_flagged_then_most_uncertain_first(tmp_path, 
     db.close()
     cli("report", "--out", out, check_rc=0)
     assert "Platelets estimate" not in (run / "report.html").read_text()
-    # A blank field has no edges at all and is brighter than any BCCD field; the others pass.
-    assert counts["slide-B/blank.jpg"]["flags"] == "blurred;too bright;few cells"
+    # A blank field has no edges at all, no stained cells and is brighter than any BCCD field; the others pass.
+    assert counts["slide-B/blank.jpg"]["flags"] == "blurred;too bright;few cells;faint stain"
     assert {r["flags"] for rel, r in counts.items() if rel != "slide-B/blank.jpg"} == {""}
     threshold = json.loads((run / "run.json").read_text())["model"]["thresholds"]["count"]
     near = {}

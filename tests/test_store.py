@@ -97,6 +97,15 @@ def _v5_store(path):
     db.close()
 
 
+def _v6_store(path):
+    """Version 6: version 5 with each image's background colour cast, no stain colour."""
+    _v5_store(path)
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE images ADD COLUMN tint_red REAL; ALTER TABLE images ADD COLUMN tint_blue REAL;"
+                     " PRAGMA user_version = 6;")
+    db.close()
+
+
 def _id_keyed_store(path, schema: str, packed: bool):
     """A version 2 store (detections one row each) or a version 3 one (`packed` into the image row)."""
     db = sqlite3.connect(path)
@@ -139,7 +148,8 @@ def test_detections_pack_best_first_and_unpack_to_what_went_in():
 
 # v0 stores get fresh image ids in (root, rel) order; later ones keep theirs.
 @pytest.mark.parametrize("old_store, ids", [(_v0_store, [1, 2, 3]), (_v2_store, [7, 8, 3]), (_v3_store, [7, 8, 3]),
-                                            (_v4_store, [7, 8, 3]), (_v5_store, [7, 8, 3])], ids=["v0", "v2", "v3", "v4", "v5"])
+                                            (_v4_store, [7, 8, 3]), (_v5_store, [7, 8, 3]), (_v6_store, [7, 8, 3])],
+                         ids=["v0", "v2", "v3", "v4", "v5", "v6"])
 def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_store, ids):
     path = tmp_path / "s.sqlite"
     old_store(path)
@@ -153,7 +163,7 @@ def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_
     # Fields measured before quality was: unmeasured, so not judged (quality.field_flags).
     assert [(r["focus"], r["brightness"]) for r in store.run_images(1, ROOT)] == [(None, None)] * 3
     assert [r["recounted_at"] for r in store.run_images(1, ROOT)] == [None] * 3     # all counted once
-    assert [(r["tint_red"], r["tint_blue"]) for r in store.run_images(1, ROOT)] == [(None, None)] * 3
+    assert [(r["tint_red"], r["tint_blue"], r["stain"]) for r in store.run_images(1, ROOT)] == [(None, None, None)] * 3
     old_tables = "SELECT name FROM sqlite_master WHERE name LIKE '%v0%' OR name LIKE 'detections%'"
     assert store.db.execute(old_tables).fetchall() == []
     store.close()
@@ -166,11 +176,11 @@ def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_
                                        "width": 640, "height": 480, "model_sha256": "m2",
                                        "detections": pack_detections([("RBC", 0.5, 0, 0, 9, 9)]),
                                        "focus": 21.5, "brightness": 182.25, "recounted_at": 1.8,
-                                       "tint_red": 0.31, "tint_blue": -0.2}])
+                                       "tint_red": 0.31, "tint_blue": -0.2, "stain": 0.18}])
     again = store.image(ROOT, "a/1.jpg")
     assert again["id"] == ids[0] and again["sha256"] == "h2"
     assert (again["focus"], again["brightness"], again["recounted_at"]) == (21.5, 182.25, 1.8)
-    assert (again["tint_red"], again["tint_blue"]) == (0.31, -0.2)
+    assert (again["tint_red"], again["tint_blue"], again["stain"]) == (0.31, -0.2, 0.18)
     assert unpack_detections(again["detections"]) == [("RBC", 0.5, 0, 0, 9, 9)]
     assert [(r["rel"], r["outcome"]) for r in store.run_images(2, ROOT)] == [("a/1.jpg", "new")]
     store.close()
