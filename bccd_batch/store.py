@@ -113,6 +113,8 @@ MIGRATE_FROM_4 = "ALTER TABLE images ADD COLUMN recounted_at REAL"
 MIGRATE_FROM_5 = "ALTER TABLE images ADD COLUMN tint_red REAL; ALTER TABLE images ADD COLUMN tint_blue REAL"
 # Versions up to 6 -> 7: likewise without a stain colour.
 MIGRATE_FROM_6 = "ALTER TABLE images ADD COLUMN stain REAL"
+# An image row's measures (NULL where unmeasured): quality.py's, and the scale of its second pass.
+MEASURES = ("focus", "brightness", "recounted_at", "tint_red", "tint_blue", "stain")
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -214,23 +216,17 @@ class Store:
     def record_images(self, run_id: int, root: str, images: list[dict]) -> None:
         """Replace everything known about each image and mark it new (failed when it has an
         `error`); call inside a transaction. Keys: rel, slide, size, mtime_ns, sha256, and either
-        width, height, model_sha256, detections (`pack_detections` bytes), focus, brightness,
-        tint_red, tint_blue, stain and recounted_at, or error."""
+        width, height, model_sha256, detections (`pack_detections` bytes) and `MEASURES`, or error."""
+        required = ("slide", "size", "mtime_ns", "sha256")
+        # Every column an image row has past (root, rel); the upsert replaces them all.
+        columns = (*required, "width", "height", "status", "error", "model_sha256", "run_id", "detections", *MEASURES)
+        rows = [(root, m["rel"], *(m[k] for k in required), m.get("width"), m.get("height"), "error" if m.get("error") else "ok",
+                 m.get("error"), m.get("model_sha256"), run_id, None if m.get("error") else m["detections"],
+                 *(m.get(k) for k in MEASURES))
+                for m in images]
         self.db.executemany(
-            "INSERT INTO images (root, rel, slide, size, mtime_ns, sha256, width, height, status, error,"
-            " model_sha256, run_id, detections, focus, brightness, recounted_at, tint_red, tint_blue, stain)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (root, rel) DO UPDATE SET slide=excluded.slide, size=excluded.size,"
-            " mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, width=excluded.width, height=excluded.height,"
-            " status=excluded.status, error=excluded.error, model_sha256=excluded.model_sha256,"
-            " run_id=excluded.run_id, detections=excluded.detections, focus=excluded.focus,"
-            " brightness=excluded.brightness, recounted_at=excluded.recounted_at, tint_red=excluded.tint_red,"
-            " tint_blue=excluded.tint_blue, stain=excluded.stain",
-            [(root, m["rel"], m["slide"], m["size"], m["mtime_ns"], m["sha256"], m.get("width"), m.get("height"),
-              "error" if m.get("error") else "ok", m.get("error"), m.get("model_sha256"), run_id,
-              None if m.get("error") else m["detections"], m.get("focus"), m.get("brightness"), m.get("recounted_at"),
-              m.get("tint_red"), m.get("tint_blue"), m.get("stain"))
-             for m in images])
+            f"INSERT INTO images (root, rel, {', '.join(columns)}) VALUES ({', '.join('?' * (len(columns) + 2))})"
+            f" ON CONFLICT (root, rel) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in columns)}", rows)
         self.mark(run_id, [(m["rel"], "failed" if m.get("error") else "new") for m in images])
 
     def mark(self, run_id: int, outcomes: Iterable[tuple[str, str]]) -> None:
