@@ -117,7 +117,7 @@ def measure_host(field: np.ndarray) -> Quality:
     g = _sampled(field[..., 1])
     focus = math.nan if _too_small(g) else float(_laplacian(g).var(dtype=np.float64))
     # One partition per rank: numpy's partition at both ranks at once took 0.7 ms against 0.02 each.
-    dark_cut, bright_cut = (np.partition(g.ravel(), rank)[rank] for rank in _ranks(g.size))
+    bright_cut, dark_cut = (np.partition(g.ravel(), rank)[rank] for rank in _ranks(g.size))
     # Channel by channel: 0.2 ms a mask, where gathering the pixels' three channels at once took 0.5.
     od = [_od(np.array([field[0::2, 0::2, c][chosen].mean(dtype=np.float64) for c in range(3)]))
           for chosen in (g >= bright_cut, g <= dark_cut)]
@@ -125,8 +125,8 @@ def measure_host(field: np.ndarray) -> Quality:
 
 
 def _ranks(n: int) -> tuple[int, int]:
-    """0-based ranks, among n sampled greens, of the darkest fifth's highest and the brightest fifth's lowest."""
-    return int(0.2 * (n - 1)), int(0.8 * (n - 1))
+    """0-based ranks, among n sampled greens, of the brightest fifth's lowest and the darkest fifth's highest."""
+    return int(0.8 * (n - 1)), int(0.2 * (n - 1))
 
 
 def _colour(background, stained):
@@ -155,11 +155,11 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
         focus = torch.full((len(idx),), math.nan, device=g.device) if _too_small(g) else \
             _laplacian(g).flatten(1).float().var(1, correction=0)
         od = []
-        for rank, brighter in zip(_ranks(rgb.shape[2]), (False, True)):   # the host's cuts
+        for rank, brighter in zip(_ranks(rgb.shape[2]), (True, False)):   # the host's cuts
             cut = rgb[:, 1].kthvalue(rank + 1, 1, keepdim=True).values
             chosen = (rgb[:, 1] >= cut if brighter else rgb[:, 1] <= cut).float()
             od.append(_od((rgb * chosen[:, None]).sum(2) / chosen.sum(1, keepdim=True)))
-        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1), *_colour(od[1], od[0])], 1)
+        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1), *_colour(*od)], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
