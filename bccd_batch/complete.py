@@ -20,12 +20,12 @@ from .cells import CLASSES
 from .datasets import image_root, pixel_hash
 from .decode import decode_file
 from .labels import read_labels
-from .score import CountEvaluator, _iou, choose_count_threshold, evaluate_all
+from .score import CountEvaluator, box_iou, choose_count_threshold, evaluate_all
 
 
 def unlabelled_detections(dets: list[tuple], boxes: list[tuple], iou: float = 0.5) -> list[tuple]:
     """The detections that overlap none of a field's labelled boxes at `iou` or more."""
-    return [d for d in dets if all(_iou(d[2:], b[1:]) < iou for b in boxes)]
+    return [d for d in dets if all(box_iou(d[2:], b[1:]) < iou for b in boxes)]
 
 
 def choose_thresholds(candidates: dict[str, list[tuple]], own: dict[str, list[tuple]],

@@ -174,7 +174,8 @@ def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
             "MAE_by_threshold": {c: dict(zip(thresholds, v)) for c, v in mae.items()}}
 
 
-def _iou(a, b) -> float:
+def box_iou(a, b) -> float:
+    """IoU of two (x0, y0, x1, y1) boxes; 0 for two empty ones."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -203,9 +204,9 @@ class MatchEvaluator:
             for gi, g in enumerate(gt_boxes):
                 if gi in used or (same_class and g[0] != p[0]):
                     continue
-                iou = _iou(g[1:], p[2:])
-                if iou >= best_iou:
-                    best, best_iou = gi, iou
+                overlap = box_iou(g[1:], p[2:])
+                if overlap >= best_iou:
+                    best, best_iou = gi, overlap
             if best is not None:
                 used.add(best)
                 pairs.append((best, pi))

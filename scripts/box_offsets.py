@@ -20,8 +20,7 @@ import numpy as np
 
 from bccd_batch.cells import CLASSES
 from bccd_batch.labels import read_labels
-from bccd_batch.score import COCOEvaluator, evaluate_all, match_labels
-from label_agreement import iou
+from bccd_batch.score import COCOEvaluator, box_iou, evaluate_all, match_labels
 
 
 def detections(out: Path) -> dict[str, list[tuple]]:
@@ -39,9 +38,9 @@ def edge_offsets(gt: dict[str, dict], preds: dict[str, list[tuple]]) -> dict[str
     for key, rec in gt.items():
         sure = [p for p in preds.get(key, []) if p[1] >= 0.5]
         for g in rec["boxes"]:
-            best = max((p for p in sure if p[0] == g[0]), key=lambda p: iou(p[2:], g[1:]), default=None)
-            if best is not None and iou(best[2:], g[1:]) >= 0.5:
-                rows[g[0]].append((iou(best[2:], g[1:]), *(best[2 + i] - g[1 + i] for i in range(4))))
+            best = max((p for p in sure if p[0] == g[0]), key=lambda p: box_iou(p[2:], g[1:]), default=None)
+            if best is not None and box_iou(best[2:], g[1:]) >= 0.5:
+                rows[g[0]].append((box_iou(best[2:], g[1:]), *(best[2 + i] - g[1 + i] for i in range(4))))
     return {c: np.array(r).reshape(-1, 5) for c, r in rows.items()}
 
 

@@ -21,15 +21,9 @@ import numpy as np
 
 from bccd_batch.cells import CLASSES
 from bccd_batch.labels import read_voc, read_yolo
+from bccd_batch.score import box_iou
 
 THRESHOLDS = np.arange(0.5, 0.96, 0.05)
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def matched_pairs(txl: Path, bccd: Path) -> dict[str, list[tuple]]:
@@ -44,7 +38,7 @@ def matched_pairs(txl: Path, bccd: Path) -> dict[str, list[tuple]]:
         theirs = by_name[row["file"]]["boxes"]
         used: set[int] = set()
         for x in xml_by_name[row["original_name"]]["boxes"]:
-            best, j = max(((iou(x[1:], t[1:]), j) for j, t in enumerate(theirs) if t[0] == x[0] and j not in used),
+            best, j = max(((box_iou(x[1:], t[1:]), j) for j, t in enumerate(theirs) if t[0] == x[0] and j not in used),
                           default=(0.0, None))
             if j is None or best < 0.5:
                 continue
