@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .cells import CLASSES, class_counts, class_threshold
+from .cells import CLASSES, Threshold, class_counts, class_threshold
 from .labels import LabelSet, box_counts, read_labels
 
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -160,14 +160,20 @@ COUNT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
 def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
-                           thresholds: tuple[float, ...] = COUNT_THRESHOLDS) -> dict:
+                           thresholds: tuple[float, ...] = COUNT_THRESHOLDS, prefer: Threshold | None = None) -> dict:
     """Per class, the score threshold at which per-image counts err least (lowest per-image count
-    MAE over the labelled fields; the lowest threshold on a tie): a class's count depends on its
+    MAE over the labelled fields; on a tie the lowest threshold, or the one nearest `prefer`'s, so a
+    recalibration moves a threshold only where that lowers the error): a class's count depends on its
     own threshold alone. How a model card's count thresholds are chosen, on training fields with
     complete labels, so they are not tuned by eye or to the fields they are reported on."""
     results = evaluate_all({t: CountEvaluator(t) for t in thresholds}, gt, preds)
     mae = {c: [results[t]["per_class"][c]["MAE"] for t in thresholds] for c in CLASSES}
-    best = {c: int(np.argmin(v)) for c, v in mae.items()}
+
+    def best_of(c: str) -> int:
+        tied = [i for i, v in enumerate(mae[c]) if v == min(mae[c])]
+        return tied[0] if prefer is None else min(tied, key=lambda i: abs(thresholds[i] - class_threshold(prefer, c)))
+
+    best = {c: best_of(c) for c in CLASSES}
     return {"count": {c: thresholds[i] for c, i in best.items()}, "images": len(gt),
             "MAE": {c: mae[c][i] for c, i in best.items()},
             "bias": {c: results[thresholds[i]]["per_class"][c]["mean_signed_error"] for c, i in best.items()},

@@ -60,6 +60,17 @@ def test_count_thresholds_are_per_class_the_lowest_with_the_least_count_error():
     assert class_counts(preds["b.jpg"], {"RBC": 0.9, "WBC": 0.9, "Platelets": 0.45}) == {"RBC": 0, "WBC": 0, "Platelets": 2}
 
 
+def test_a_preferred_threshold_wins_only_among_the_least_count_errors():
+    from bccd_batch.score import choose_count_threshold
+
+    preds = as_preds(GT, score=0.7)
+    preds["a.jpg"].append(("RBC", 0.3, 0, 0, 50, 50))
+    chosen = choose_count_threshold(GT, preds, prefer={"RBC": 0.1, "WBC": 0.6, "Platelets": 0.95})["count"]
+    # RBC: 0.1 counts the false RBC, so the nearest of the tied best (0.35-0.70); WBC: 0.6 is among them;
+    # platelets: above 0.70 nothing is counted, so the nearest tied best to 0.95 is 0.70.
+    assert chosen == {"RBC": 0.35, "WBC": 0.6, "Platelets": 0.7}
+
+
 def test_match_counts_and_confusion():
     from bccd_batch.score import MatchEvaluator
 
