@@ -147,6 +147,35 @@ def complete_labels_cmd(
     typer.echo(json.dumps(chosen, indent=1))
 
 
+@app.command()
+def calibrate(
+    labels: Path = typer.Argument(..., metavar="LABELS", help="Your lab's fields with every cell labelled (VOC, YOLO folder or data.yaml, CSV or COCO JSON)."),
+    out: Path = typer.Option(..., help="Folder for the calibrated model: the same weights, a card with your count thresholds."),
+    model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder to calibrate; default: the embedded model."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Choose each class's count threshold on your own labelled fields, so counts follow your lab's
+    fields; then `run --model OUT` (or BCCD_BATCH_MODEL=OUT). Prints the count errors on those fields
+    before and after."""
+    from .calibrate import calibrate as calibrate_model
+    from .cells import class_threshold
+    from .labels import LabelError
+    from .model import ModelError
+
+    try:
+        record = calibrate_model(labels, model or default_model_dir(), out, device, log=lambda m: typer.echo(m, err=True))
+    except (LabelError, ModelError, ValueError, OSError) as e:
+        raise _fail(str(e))
+    typer.echo(f"count MAE / bias per field on your {record['fields']} fields at the model's thresholds; at thresholds "
+               "chosen on the other fields (cross-validated: what to expect on new fields); at the thresholds kept "
+               "(in-sample). A class keeps the model's threshold unless the cross-validated error is lower.")
+    for c, b in record["before"].items():
+        x, a = record["cross_validated"][c], record["after"][c]
+        typer.echo(f"  {c}: threshold {class_threshold(record['thresholds_before'], c):g} -> {record['thresholds'][c]:g}; "
+                   f"{b['MAE']:.2f} / {b['bias']:+.2f}; {x['MAE']:.2f} / {x['bias']:+.2f}; {a['MAE']:.2f} / {a['bias']:+.2f}")
+    typer.echo(f"wrote {out}: count with `run --model {out}`")
+
+
 @app.command("export-weights")
 def export_weights(
     checkpoints: list[Path] = typer.Argument(..., metavar="CHECKPOINTS", help="best.pt or last.pt from `bccd-batch train`, or model folders; several are averaged (a uniform model soup)."),

@@ -240,7 +240,8 @@ def _run_locked(opts: RunOptions, out: Path, store: Store, inference: WorkerPool
             "finished_utc": _utc_now().isoformat(timespec="seconds"),
             "model": {"name": card.get("name"), "sha256": model_sha, "thresholds": thresholds,
                       "backbone": card["architecture"]["backbone"], "input_size": card["architecture"]["test_min_size"],
-                      "training_data": card.get("training", {}).get("data")},
+                      "training_data": card.get("training", {}).get("data"),
+                      "calibrated_on": {k: card["calibration"][k] for k in ("labels", "fields")} if "calibration" in card else None},
             "engine": inference.name, "device": inference.device, "device_name": inference.device_name, "mps": mps,
             "batch_size": opts.batch_size, "decode_threads_per_worker": opts.decode_workers, "full": opts.full,
             # What happened, not what was allowed: on the CPU nothing is decoded on a GPU.

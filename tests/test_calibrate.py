@@ -1,0 +1,64 @@
+"""`bccd-batch calibrate`: count thresholds chosen on a lab's own labelled fields, the weights unchanged."""
+
+import csv
+import json
+import shutil
+
+from conftest import MODEL, cli
+
+
+def _counts(out):
+    return {r["image"]: {c: int(r[c]) for c in ("RBC", "WBC", "Platelets")}
+            for r in csv.DictReader(open(out / "latest" / "counts.csv", newline=""))}
+
+
+def test_calibrated_thresholds_count_as_the_lab_labels(tmp_path, slides):
+    # A lab that labels only the cells the default model is sure of (score >= 0.8): its counts are
+    # lower than the default's, and the calibrated model must count as it does on its own fields.
+    base = tmp_path / "base"
+    cli("run", slides, "--out", base, "--device", "cpu", check_rc=0)
+    lab = tmp_path / "lab"
+    (lab / "images").mkdir(parents=True)
+    (lab / "labels").mkdir()
+    (lab / "classes.txt").write_text("RBC\nWBC\nPlatelets\n")
+    lines = {}
+    for r in csv.DictReader(open(base / "latest" / "detections.csv", newline="")):
+        w, h = float(r["width"]), float(r["height"])
+        x0, y0, x1, y1 = (float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+        entry = lines.setdefault(r["image"], [])
+        if float(r["score"]) >= 0.8:
+            entry.append(f"{('RBC', 'WBC', 'Platelets').index(r['class'])} {(x0 + x1) / 2 / w} {(y0 + y1) / 2 / h} "
+                         f"{(x1 - x0) / w} {(y1 - y0) / h}")
+    for image, rows in lines.items():
+        name = image.split("/")[-1]
+        (lab / "images" / name).symlink_to(slides / image)
+        (lab / "labels" / name.replace(".jpg", ".txt")).write_text("\n".join(rows) + "\n")
+    labelled = {i: {c: sum(1 for x in rows if x.split()[0] == str(k)) for k, c in enumerate(("RBC", "WBC", "Platelets"))}
+                for i, rows in lines.items()}
+
+    ours = tmp_path / "ours"
+    p = cli("calibrate", lab, "--out", ours, check_rc=0)
+    assert "RBC: threshold 0.4 -> " in p.stdout, p.stdout
+    card, shipped = json.loads((ours / "model.json").read_text()), json.loads((MODEL / "model.json").read_text())
+    assert card["weights"]["sha256"] == shipped["weights"]["sha256"]
+    assert (ours / card["weights"]["file"]).read_bytes() == (MODEL / shipped["weights"]["file"]).read_bytes()
+    cal = card["calibration"]
+    assert cal["fields"] == len(lines) and cal["thresholds"] == card["thresholds"]["count"]
+    assert 0.55 <= card["thresholds"]["count"]["RBC"] <= 0.8     # 0.8 or the lowest tie below it
+    assert cal["after"]["RBC"]["MAE"] == 0.0 < cal["before"]["RBC"]["MAE"]
+    assert cal["cross_validated"]["RBC"]["MAE"] < cal["before"]["RBC"]["MAE"]
+
+    out = tmp_path / "out"
+    cli("run", slides, "--out", out, "--device", "cpu", "--model", ours, check_rc=0)
+    calibrated = _counts(out)
+    assert calibrated == labelled and _counts(base) != labelled
+    assert json.loads((out / "latest" / "run.json").read_text())["model"]["calibrated_on"] == {"labels": str(lab), "fields": len(lines)}
+
+
+def test_calibrate_refuses_to_overwrite_the_model_it_starts_from(tmp_path, slides):
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    before = (model / "model.json").read_bytes()
+    p = cli("calibrate", slides, "--out", model, "--model", model)
+    assert (model / "model.json").read_bytes() == before
+    assert p.returncode == 2 and "new folder" in p.stderr and "Traceback" not in p.stderr
