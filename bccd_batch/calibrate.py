@@ -2,10 +2,11 @@
 lab's own completely labelled fields, so its counts follow how that lab's fields look and how it counts.
 
 A model's count thresholds are chosen on its training labs' fields; on a lab it has never seen, its
-scores sit elsewhere (another stain, camera, magnification) and the counts are biased. A few labelled
-fields fix most of that bias (docs/model.md, "Calibrating to a lab"). The weights are copied unchanged
-(same sha256, so the store keeps counting each field once); only the card's thresholds change, and the
-card records what they were chosen on and the count errors before and after on those fields.
+scores sit elsewhere (another stain, camera, magnification) and the counts are biased: on the one unseen
+lab measured, ten labelled fields removed most of that bias (docs/model.md, "Calibrating to a lab"). The
+weights are copied unchanged (same sha256, so the store keeps counting each field once); only the card's
+thresholds change, and the card records what they were chosen on and the count errors on those fields
+before, cross-validated and after.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_calibrated_thresholds_count_as_the_lab_labels(tmp_path, slides):
     assert (ours / card["weights"]["file"]).read_bytes() == (MODEL / shipped["weights"]["file"]).read_bytes()
     cal = card["calibration"]
     assert cal["fields"] == len(lines) and cal["thresholds"] == card["thresholds"]["count"]
-    assert 0.55 <= card["thresholds"]["count"]["RBC"] <= 0.8     # 0.8 or the lowest tie below it
+    assert 0.55 <= card["thresholds"]["count"]["RBC"] <= 0.8     # of the tied best, the nearest the model's 0.4
     assert cal["after"]["RBC"]["MAE"] == 0.0 < cal["before"]["RBC"]["MAE"]
     assert cal["cross_validated"]["RBC"]["MAE"] < cal["before"]["RBC"]["MAE"]
 
