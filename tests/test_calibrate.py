@@ -62,3 +62,18 @@ def test_calibrate_refuses_to_overwrite_the_model_it_starts_from(tmp_path, slide
     p = cli("calibrate", slides, "--out", model, "--model", model)
     assert (model / "model.json").read_bytes() == before
     assert p.returncode == 2 and "new folder" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_corrupt_field_or_label_line_is_named_and_skipped(tmp_path, slides):
+    lab = tmp_path / "lab"
+    (lab / "images").mkdir(parents=True)
+    (lab / "labels").mkdir()
+    (lab / "classes.txt").write_text("RBC\nWBC\nPlatelets\n")
+    for f in sorted(slides.rglob("*.jpg"))[:3]:
+        shutil.copy(f, lab / "images" / f.name)
+        (lab / "labels" / f"{f.stem}.txt").write_text("0 0.5 0.5 0.2 0.25\nnot a box\n")
+    broken = sorted((lab / "images").iterdir())[0]
+    broken.write_bytes(broken.read_bytes()[:3000])
+    p = cli("calibrate", lab, "--out", tmp_path / "ours", check_rc=0)
+    assert f"{broken.name}: image unusable" in p.stderr and "line skipped" in p.stderr, p.stderr
+    assert json.loads((tmp_path / "ours" / "model.json").read_text())["calibration"]["fields"] == 2
