@@ -19,6 +19,7 @@ import jinja2
 from PIL import Image
 
 from . import __version__
+from .calibrate import FEW_FIELDS
 from .cells import CLASSES, Threshold, class_threshold
 from .decode import DecodeError, decode_file
 from .labels import box_counts
@@ -102,6 +103,21 @@ def threshold_text(threshold: Threshold) -> str:
     return f"{threshold:g}"
 
 
+# A class's mean count error per field against complete labels at which the report suggests
+# `bccd-batch calibrate` (the model card's targets allow ±0.5 RBC per field).
+CALIBRATE_FROM = 0.5
+
+
+def calibration_hint(metrics: dict | None, label_gaps: dict | None) -> dict[str, float]:
+    """The classes counted off the labels by CALIBRATE_FROM or more per field on average, where
+    enough fields were scored to fit thresholds to and no field's labels seem to leave a class out
+    (incomplete labels would teach undercounting)."""
+    if not metrics or metrics["n_images_scored"] < FEW_FIELDS or (label_gaps and label_gaps["fields"]):
+        return {}
+    bias = {c: m["mean_signed_error"] for c, m in metrics["counting"]["per_class"].items()}
+    return {c: b for c, b in bias.items() if abs(b) >= CALIBRATE_FROM}
+
+
 def build_context(store: Store, run) -> dict:
     """What report.html shows of `run` (the store's row)."""
     run_name = run["name"]
@@ -162,7 +178,7 @@ def build_context(store: Store, run) -> dict:
         "uncertain_from": UNCERTAIN_FROM, "weights": DISAGREEMENT_WEIGHTS, "slides": slides, "totals": data["totals"],
         "fields": sum(s["fields"] for s in data["slides"].values()), "gallery": gallery,
         "skipped_pictures": skipped_pictures, "errors": data["errors"], "metrics": metrics, "later": data["later"],
-        "label_gaps": label_gaps,
+        "label_gaps": label_gaps, "calibration_hint": calibration_hint(metrics, label_gaps),
         "gallery_limit": GALLERY_LIMIT, "full_size_limit": FULL_SIZE_LIMIT,
         "pr_curves": _pr_paths(metrics) if metrics else {},
     }

@@ -291,3 +291,31 @@ def test_index_trends_plot_each_run_that_has_the_number_below_their_label():
     assert [d[0] for d in three["dots"]] == [20.0, 580.0]                # the run without the number is left out
     assert three["points"] == "20.0,72.5 580.0,35.0" and all(y >= 30 for _, y in three["dots"])
     assert _trend([{"x": None}], "x", "images/s")["dots"] == []
+
+
+def test_counts_off_complete_labels_suggest_calibrating(tmp_path, bccd):
+    # Ten PBC fields whose labels each leave one RBC out: the model counts ~+1 RBC per field against them.
+    txl = bccd.parent / "txl_pbc"
+    pbc = [r["file"] for r in csv.DictReader(open(txl / "sources.csv", newline="")) if r["source"] == "PBC"][:10]
+    rbc = (txl / "classes.txt").read_text().split().index("RBC")
+    slides, lab = tmp_path / "slides" / "pbc", tmp_path / "lab"
+    slides.mkdir(parents=True)
+    (lab / "labels").mkdir(parents=True)
+    shutil.copy(txl / "classes.txt", lab / "classes.txt")
+    for name in pbc:
+        shutil.copy(txl / "images" / name, slides / name)
+        lines = (txl / "labels" / name.replace(".png", ".txt")).read_text().splitlines()
+        first = next(i for i, line in enumerate(lines) if line.split()[0] == str(rbc))
+        (lab / "labels" / name.replace(".png", ".txt")).write_text("\n".join(lines[:first] + lines[first + 1:]) + "\n")
+    os.symlink(slides, lab / "images")
+    out = tmp_path / "out"
+    cli("run", slides.parent, "--out", out, "--device", "cpu", "--labels", lab, "--bootstrap", "0", check_rc=0)
+    metrics = json.loads((out / "latest" / "metrics.json").read_text())
+    html = (out / "latest" / "report.html").read_text()
+    assert metrics["counting"]["per_class"]["RBC"]["mean_signed_error"] >= 0.5
+    hint = re.search(r'<p class="note" id="calibrate-hint">(.*?)</p>', html, re.S)
+    assert hint and "RBC" in hint.group(1) and "bccd-batch calibrate" in hint.group(1), html[-3000:]
+
+    from bccd_batch.report import calibration_hint
+    assert calibration_hint(metrics, {"fields": {"pbc/x.png": ["RBC"]}}) == {}     # labels that leave a class out
+    assert calibration_hint({**metrics, "n_images_scored": 9}, None) == {}        # too few fields to fit to
