@@ -112,9 +112,10 @@ def calibration_hint(metrics: dict | None, label_gaps: dict | None) -> dict[str,
     """The classes counted off the labels by CALIBRATE_FROM or more per field on average, where
     enough fields were scored to fit thresholds to and no field's labels seem to leave a class out
     (incomplete labels would teach undercounting)."""
-    if not metrics or metrics["n_images_scored"] < FEW_FIELDS or (label_gaps and label_gaps["fields"]):
+    # Metrics stored by older versions may lack any of these: no note then.
+    if not metrics or metrics.get("n_images_scored", 0) < FEW_FIELDS or (label_gaps and label_gaps.get("fields")):
         return {}
-    bias = {c: m["mean_signed_error"] for c, m in metrics["counting"]["per_class"].items()}
+    bias = {c: m["mean_signed_error"] for c, m in metrics.get("counting", {}).get("per_class", {}).items()}
     return {c: b for c, b in bias.items() if abs(b) >= CALIBRATE_FROM}
 
 
