@@ -170,7 +170,8 @@ def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
     mae = {c: [results[t]["per_class"][c]["MAE"] for t in thresholds] for c in CLASSES}
 
     def best_of(c: str) -> int:
-        tied = [i for i, v in enumerate(mae[c]) if v == min(mae[c])]
+        least = min(mae[c])
+        tied = [i for i, v in enumerate(mae[c]) if v == least]
         return tied[0] if prefer is None else min(tied, key=lambda i: abs(thresholds[i] - class_threshold(prefer, c)))
 
     best = {c: best_of(c) for c in CLASSES}
