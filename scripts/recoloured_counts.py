@@ -68,7 +68,7 @@ CHANGES = {
     "saturation x2": pil(lambda im: ImageEnhance.Color(im).enhance(2.0)),
     "JPEG quality 30": jpeg(30),
     "noise sigma 8": lambda a: np.clip(a + np.random.default_rng(0).normal(0, 8, a.shape), 0, 255).astype(np.uint8),
-    "blur radius 1.5": pil(lambda im: im.filter(ImageFilter.GaussianBlur(1.5))),
+    **{f"blur radius {r}": (lambda r: pil(lambda im: im.filter(ImageFilter.GaussianBlur(r))))(r) for r in (1, 2, 3)},
 }
 
 
