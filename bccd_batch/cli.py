@@ -74,8 +74,6 @@ def train(
     flip_rotate: float = typer.Option(0.5, min=0.0, max=1.0, help="Probability of each of the horizontal flip, vertical flip and 90-degree "
                                                                     "rotation per sample; 0 keeps fields as labelled (a labelling's fixed "
                                                                     "offsets can then be learned)."),
-    defocus: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of a Gaussian blur (sigma 0.5-3 px: a field out of focus or "
-                                                              "from a coarser camera) per sample."),
     balance_roi_classes: bool = typer.Option(False, help="Equal share of the box head's positive RoIs per class (not in proportion to instances)."),
     cascade: str = typer.Option("0.6,0.7", help="IoU thresholds of the box heads after the first (Cascade R-CNN), comma-separated; 'none' for one box head."),
     channels_last: bool = typer.Option(True, help="NHWC weights and activations on CUDA."),
@@ -116,8 +114,7 @@ def train(
         raise _fail(str(e))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr * batch_size / 16, weight_decay=weight_decay, workers=workers,
                       eval_every=eval_every, seed=seed, time_budget=time_budget, mosaic=mosaic,
-                      copy_paste=copy_paste, stain=stain_jitter, orient=flip_rotate, defocus=defocus,
-                      channels_last=channels_last)
+                      copy_paste=copy_paste, stain=stain_jitter, orient=flip_rotate, channels_last=channels_last)
     model_cfg = ModelConfig.for_input_size(input_size, backbone=backbone, box_class_balanced=balance_roi_classes,
                                            cascade_ious=cascade_ious)
     typer.echo(f"training on {len(training_data.train)} fields ({device}), validating on "

@@ -43,7 +43,6 @@ class TrainConfig:
     copy_paste: float = 0.0       # probability that platelets from other fields are pasted into a sample
     stain: float = 0.0            # probability of a stain jitter (transforms.stain_jitter) per sample
     orient: float = 0.5           # probability of each flip and of the 90° rotation per sample
-    defocus: float = 0.0          # probability of a blur (transforms.defocus) per sample
     # NHWC on CUDA: bf16 convolutions run on tensor cores without a layout transpose around each.
     channels_last: bool = True
     # Seconds for the whole run: after 3 and again after 20 epochs the epoch count is set to what
@@ -68,9 +67,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Fields decoded once (datasets.load_training_data) held as tensors; augmentation per access."""
 
     def __init__(self, fields: list[Field], train: bool, mosaic: float = 0.0, copy_paste: float = 0.0, stain: float = 0.0,
-                 orient: float = 0.5, defocus: float = 0.0):
-        self.train, self.mosaic, self.copy_paste, self.stain, self.orient = train, mosaic, copy_paste, stain, orient
-        self.defocus, self.items = defocus, []
+                 orient: float = 0.5):
+        self.train, self.mosaic, self.copy_paste, self.stain, self.orient, self.items = train, mosaic, copy_paste, stain, orient, []
         self.records = {f.key: f.record for f in fields}
         for f in fields:
             img = torch.from_numpy(f.pixels).permute(2, 0, 1).contiguous()
@@ -98,8 +96,6 @@ class DetectionDataset(torch.utils.data.Dataset):
             img, boxes, labels = T.augment(img, boxes, labels, random, self.orient)
             if self.stain and random.random() < self.stain:
                 img = T.stain_jitter(img, random)
-            if self.defocus and random.random() < self.defocus:   # no draw when off: same stream as before
-                img = T.defocus(img, random)
         return img, {"boxes": boxes, "labels": labels, "key": key}
 
 
@@ -224,7 +220,7 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         torch.backends.cudnn.benchmark = False
 
     train_ds = DetectionDataset(data.train, train=True, mosaic=cfg.mosaic, copy_paste=cfg.copy_paste, stain=cfg.stain,
-                                orient=cfg.orient, defocus=cfg.defocus)
+                                orient=cfg.orient)
     val_sets = {source: DetectionDataset(fields, train=False) for source, fields in data.val_sources().items()}
     for w in data.warnings:
         log(f"warning: {w}")

@@ -9,8 +9,6 @@ scanners, which the model's multi-scale training resize covers. Scale is not don
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
@@ -66,14 +64,6 @@ def stain_jitter(img: torch.Tensor, rng, scale: float = 0.3, shift: float = 0.1)
     1 ± `scale` and shifted by ± `shift`. Unlike RGB brightness or hue jitter it keeps the plasma's
     colour apart from the cells'."""
     return restain(img, [rng.uniform(1 - scale, 1 + scale) for _ in range(3)], [rng.uniform(-shift, shift) for _ in range(3)])
-
-
-def defocus(img: torch.Tensor, rng, sigma: tuple[float, float] = (0.5, 3.0)) -> torch.Tensor:
-    """The field out of focus or from a camera with fewer pixels per cell: a Gaussian blur of a standard
-    deviation drawn from `sigma` (pixels of the field as stored). The model counts blurred fields low
-    without it (docs/model.md, "Defocus"); labels stay where they were, as a blur moves no cell."""
-    s = rng.uniform(*sigma)
-    return F.gaussian_blur(img, [2 * math.ceil(3 * s) + 1] * 2, [s, s])
 
 
 def _shifted(boxes: torch.Tensor, dx: float, dy: float) -> torch.Tensor:

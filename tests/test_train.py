@@ -76,11 +76,11 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
     the exported card says what they were."""
     split, val = _splits(tmp_path, "BloodImage_00003\n")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", val, "--out", tmp_path / "run",
-        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--defocus", 0.3, "--seed", 7,
+        "--epochs", 1, "--batch-size", 2, "--lr", 0.02, "--weight-decay", 1e-4, "--mosaic", 0, "--seed", 7,
         "--workers", 0, "--device", "cpu", "--input-size", 320, "--cascade", "0.6", "--backbone", "resnet18", "--export", tmp_path / "model", check_rc=0)
     card = read_card(tmp_path / "model")
     run = card["training"]["config"]
-    assert (run["lr"], run["weight_decay"], run["mosaic"], run["defocus"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 0.3, 7, {"bccd": 1})
+    assert (run["lr"], run["weight_decay"], run["mosaic"], run["seed"], run["val_images"]) == (0.0025, 1e-4, 0.0, 7, {"bccd": 1})
     arch = card["architecture"]
     assert (arch["test_min_size"], arch["cascade_ious"], arch["backbone"]) == (320, [0.6], "resnet18")
     cli("train", "--data", bccd, "--train-split", split, "--val-split", val, "--out", tmp_path / "one", "--epochs", 1,
