@@ -35,17 +35,21 @@ def cross_validated(gt: dict[str, dict], preds: dict[str, list[tuple]], prefer: 
         held = set(keys[i::k])
         rest = [x for x in keys if x not in held]
         chosen = choose_count_threshold({x: gt[x] for x in rest}, {x: preds[x] for x in rest}, prefer=prefer)["count"]
-        errors = evaluate_all({"count": CountEvaluator(chosen)}, {x: gt[x] for x in held},
-                              {x: preds[x] for x in held})["count"]["per_class"]
+        errors = _class_errors({x: gt[x] for x in held}, {x: preds[x] for x in held}, chosen)
         for c in CLASSES:
-            total[c]["MAE"] += errors[c]["MAE"] * len(held) / len(keys)
-            total[c]["bias"] += errors[c]["mean_signed_error"] * len(held) / len(keys)
-    return {c: {m: round(v, 3) for m, v in t.items()} for c, t in total.items()}
+            for m in ("MAE", "bias"):
+                total[c][m] += errors[c][m] * len(held) / len(keys)
+    return _rounded(total)
 
 
-def _errors(gt: dict, preds: dict, threshold: Threshold) -> dict[str, dict]:
+def _class_errors(gt: dict, preds: dict, threshold: Threshold) -> dict[str, dict]:
+    """Per class, the per-field count MAE and mean signed error (bias) at `threshold`."""
     per_class = evaluate_all({"count": CountEvaluator(threshold)}, gt, preds)["count"]["per_class"]
-    return {c: {"MAE": round(e["MAE"], 3), "bias": round(e["mean_signed_error"], 3)} for c, e in per_class.items()}
+    return {c: {"MAE": e["MAE"], "bias": e["mean_signed_error"]} for c, e in per_class.items()}
+
+
+def _rounded(errors: dict[str, dict]) -> dict[str, dict]:
+    return {c: {m: round(v, 3) for m, v in e.items()} for c, e in errors.items()}
 
 
 def calibrate(labels: Path, model_dir: Path, out: Path, device: str = "cpu", log=print) -> dict:
@@ -73,7 +77,7 @@ def calibrate(labels: Path, model_dir: Path, out: Path, device: str = "cpu", log
             "handful of fields to the next")
     gt, preds = labelled_predictions(model.to(device), DetectionDataset(fields.train, train=False), device)
     before_thresholds = card["thresholds"]["count"]
-    before = _errors(gt, preds, before_thresholds)
+    before = _rounded(_class_errors(gt, preds, before_thresholds))
     chosen = choose_count_threshold(gt, preds, prefer=before_thresholds)["count"]
     held_out = cross_validated(gt, preds, before_thresholds)
     thresholds = {c: chosen[c] if held_out[c]["MAE"] < before[c]["MAE"] else class_threshold(before_thresholds, c)
@@ -81,7 +85,7 @@ def calibrate(labels: Path, model_dir: Path, out: Path, device: str = "cpu", log
     record = {
         "labels": str(labels), "fields": len(gt), "weights_sha256": card["weights"]["sha256"],
         "thresholds_before": before_thresholds, "chosen": chosen, "thresholds": thresholds,
-        "before": before, "cross_validated": held_out, "after": _errors(gt, preds, thresholds),
+        "before": before, "cross_validated": held_out, "after": _rounded(_class_errors(gt, preds, thresholds)),
         "note": "count MAE / bias per field on the calibration fields: before (thresholds_before); cross_validated "
                 "(each field at thresholds chosen on the other folds' fields, " + str(FOLDS) + " folds at most); after "
                 "(thresholds: `chosen` on all the fields where the cross-validated MAE was lower than before, else "
