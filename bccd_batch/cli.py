@@ -36,6 +36,21 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _one_device(spec: str) -> str:
+    """A one-device command's --device, parsed as `run` parses it (a GPU asked for where there is none:
+    the CPU, said once), before any work, so a typo costs nothing."""
+    from .backends import EngineError
+    from .workers import parse_devices
+
+    try:
+        devices = parse_devices(spec, log=lambda m: typer.echo(m, err=True))
+    except EngineError as e:
+        raise _fail(str(e))
+    if len(devices) != 1:
+        raise _fail(f"--device {spec}: this command runs on one device")
+    return devices[0]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"bccd-batch {__version__}")
@@ -132,13 +147,14 @@ def complete_labels_cmd(
     out: Path = typer.Option(..., help="YOLO folder to write (labels/, splits/, pseudo.csv; images/ links to DATA's)."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Teacher model folder; default: the embedded model."),
     split: str = typer.Option("train", help="Split of DATA to complete ('all' for every field)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Add a teacher's detections to fields whose labels leave cells out, for `train --data`."""
     from .complete import complete_labels
     from .labels import LabelError
     from .model import ModelError
 
+    device = _one_device(device)
     try:
         chosen = complete_labels(data, reference, model or default_model_dir(), out, None if split == "all" else split,
                                  device, log=lambda m: typer.echo(m, err=True))
@@ -152,7 +168,7 @@ def calibrate(
     labels: Path = typer.Argument(..., metavar="LABELS", help="Your lab's fields with every cell labelled (VOC, YOLO folder or data.yaml, CSV or COCO JSON)."),
     out: Path = typer.Option(..., help="Folder for the calibrated model: the same weights, a card with your count thresholds."),
     model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL", help="Model folder to calibrate; default: the embedded model."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Choose each class's count threshold on your own labelled fields, so counts follow your lab's
     fields; then `run --model OUT` (or BCCD_BATCH_MODEL=OUT). Prints the count errors on those fields
@@ -162,6 +178,7 @@ def calibrate(
     from .labels import LabelError
     from .model import ModelError
 
+    device = _one_device(device)
     try:
         record = calibrate_model(labels, model or default_model_dir(), out, device, log=lambda m: typer.echo(m, err=True))
     except (LabelError, ModelError, ValueError, OSError) as e:

@@ -77,3 +77,9 @@ def test_a_corrupt_field_or_label_line_is_named_and_skipped(tmp_path, slides):
     p = cli("calibrate", lab, "--out", tmp_path / "ours", check_rc=0)
     assert f"{broken.name}: image unusable" in p.stderr and "line skipped" in p.stderr, p.stderr
     assert json.loads((tmp_path / "ours" / "model.json").read_text())["calibration"]["fields"] == 2
+
+
+def test_an_unknown_device_is_refused_before_any_work(tmp_path, slides):
+    p = cli("calibrate", slides, "--out", tmp_path / "ours", "--device", "gpu")
+    assert p.returncode == 2 and "unsupported device 'gpu'" in p.stderr and "Traceback" not in p.stderr
+    assert "labelled fields" not in p.stderr and not (tmp_path / "ours").exists()
