@@ -64,6 +64,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: list[Path] = typer.Option([DEFAULT_DATA], envvar="BCCD_DATA",
                                     help="A labelled dataset (VOC root, YOLO folder or data.yaml, CSV, COCO JSON; images of "
                                          "CSV/COCO beside the file); repeat for several, the most completely labelled first."),
@@ -120,6 +121,13 @@ def train(
         raise _fail(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     if pseudo_labels not in PSEUDO_USES:
         raise _fail(f"--pseudo-labels must be one of {', '.join(PSEUDO_USES)}, not {pseudo_labels!r}")
+    # The network --init or --resume load is the one their weights were trained as: an architecture
+    # option beside them would otherwise be dropped without a word.
+    given = [f"--{n.replace('_', '-')}" for n in ("backbone", "balance_roi_classes", "cascade", "input_size")
+             if ctx.get_parameter_source(n).name != "DEFAULT"]
+    if given and (init or resume):
+        raise _fail(f"--{'init' if init else 'resume'} trains its weights' own network, so {', '.join(given)} "
+                    f"would be ignored: leave {'it' if len(given) == 1 else 'them'} out")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda m: typer.echo(m, err=True)  # noqa: E731

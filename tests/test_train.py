@@ -91,6 +91,9 @@ def test_train_command_passes_its_options_to_the_run_and_the_card(tmp_path, bccd
                               ("--backbone", "resnet99", "--backbone must be one of resnet18, resnet34, resnet50")):
         r = cli("train", "--data", bccd, "--out", tmp_path / "bad", option, bad, check_rc=2)
         assert says in r.stderr
+    # An architecture option beside --init would be dropped: refused before any data is read.
+    r = cli("train", "--data", tmp_path / "no-such-data", "--init", MODEL, "--cascade", "0.6,0.75", check_rc=2)
+    assert "--init trains its weights' own network, so --cascade would be ignored" in r.stderr
 
 
 def _knows_cells(step: dict) -> bool:
