@@ -3,6 +3,7 @@ writes must load back both as a training checkpoint and as an exported model."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,22 @@ def test_predictions_are_made_at_the_test_size_whatever_mode_the_model_was_built
     model.transform.register_forward_hook(lambda m, args, out: sizes.append(tuple(out[0].tensors.shape[-2:])))
     predict(model, ds, "cpu")
     assert model.transform.min_size == (320,) and min(sizes[0]) == 320
+
+
+def test_each_field_gets_the_detections_it_gets_alone_whatever_its_batch(two):
+    """`predict` (val figures, count thresholds) batches only fields of one size: a field padded to a
+    taller neighbour's canvas gets other proposals and scores than `run` gives it alone."""
+    import dataclasses
+
+    from bccd_batch.train import DetectionDataset, predict
+
+    model, _ = load_model(MODEL)
+    big = two.train[0]
+    # 420 high by 400 wide: resized to a 640-px short side it is 672 high, taller than the BCCD field's 640.
+    tall = dataclasses.replace(two.train[1], key="tall", pixels=np.ascontiguousarray(two.train[1].pixels[:420, :400]))
+    alone = {f.key: predict(model, DetectionDataset([f], train=False), "cpu")[f.key] for f in (big, tall)}
+    together = predict(model, DetectionDataset([tall, big], train=False), "cpu", batch_size=2)
+    assert together == alone and len(alone[big.key]) > 10
 
 
 @pytest.mark.slow
