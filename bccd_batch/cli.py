@@ -102,7 +102,7 @@ def train(
 ) -> None:
     """Train the Faster R-CNN from scratch (AMP on CUDA) on one or more datasets, keeping the best
     checkpoint by val AP averaged over the val sources, and choose its per-class count thresholds on
-    the first dataset's training fields by per-image count error."""
+    the first dataset's training fields by per-image count error, each of its sources weighing the same."""
     import torch
 
     from .datasets import PSEUDO_USES, load_training_data
@@ -260,10 +260,14 @@ def export_weights(
         where = f"the {{}} {train_split} fields of {thresholds_on}, chosen by `bccd-batch export-weights --thresholds-on`"
     if chosen is not None:
         extra["thresholds"] = {"detection": cfg.detection_threshold, "count": chosen["count"]}
+        sources = chosen.get("by_source") or {}
+        averaged = ", averaged over the fields' sources with each weighing the same," if sources else ""
         extra["threshold_choice"] = {"count": (
-            f"per class, the score with the lowest per-image count MAE on {where.format(chosen['images'])} (MAE "
+            f"per class, the score with the lowest per-image count MAE{averaged} on {where.format(chosen['images'])} (MAE "
             + ", ".join(f"{c} {v:.3f}" for c, v in chosen["MAE"].items()) + ", bias "
-            + ", ".join(f"{c} {v:+.3f}" for c, v in chosen["bias"].items()) + ") for these weights")}
+            + ", ".join(f"{c} {v:+.3f}" for c, v in chosen["bias"].items())
+            + "".join(f"; {s}, {r['images']} fields: bias " + ", ".join(f"{c} {v:+.3f}" for c, v in r["bias"].items())
+                      for s, r in sources.items()) + ") for these weights")}
     else:
         typer.echo("no count thresholds were chosen for these weights (only `train`'s best.pt has them): the card "
                    "says 0.5", err=True)

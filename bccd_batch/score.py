@@ -160,25 +160,43 @@ COUNT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
 def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
-                           thresholds: tuple[float, ...] = COUNT_THRESHOLDS, prefer: Threshold | None = None) -> dict:
+                           thresholds: tuple[float, ...] = COUNT_THRESHOLDS, prefer: Threshold | None = None,
+                           sources: dict[str, str] | None = None) -> dict:
     """Per class, the score threshold at which per-image counts err least (lowest per-image count
     MAE over the labelled fields; on a tie the lowest threshold, or the one nearest `prefer`'s, so a
     recalibration moves a threshold only where that lowers the error): a class's count depends on its
     own threshold alone. How a model card's count thresholds are chosen, on training fields with
-    complete labels, so they are not tuned by eye or to the fields they are reported on."""
-    results = evaluate_all({t: CountEvaluator(t) for t in thresholds}, gt, preds)
-    mae = {c: [results[t]["per_class"][c]["MAE"] for t in thresholds] for c in CLASSES}
+    complete labels, so they are not tuned by eye or to the fields they are reported on.
+
+    `sources` (field -> lab) of two labs or more: the error is the mean of each lab's per-image MAE,
+    so every lab weighs the same whatever its number of fields. One set of thresholds serves every
+    lab and a new lab's is unknown; pooled, the lab with the most labelled fields would set them."""
+    groups: dict[str, list[str]] = {}
+    for key in gt:
+        groups.setdefault((sources or {}).get(key, ""), []).append(key)
+    by_group = {g: evaluate_all({t: CountEvaluator(t) for t in thresholds}, {k: gt[k] for k in keys},
+                                {k: preds[k] for k in keys}) for g, keys in groups.items()}
+
+    def mean_over_groups(c: str, t: float, figure: str) -> float:
+        return sum(r[t]["per_class"][c][figure] for r in by_group.values()) / len(by_group)
+
+    mae = {c: [mean_over_groups(c, t, "MAE") for t in thresholds] for c in CLASSES}
 
     def best_of(c: str) -> int:
         least = min(mae[c])
         tied = [i for i, v in enumerate(mae[c]) if v == least]
         return tied[0] if prefer is None else min(tied, key=lambda i: abs(thresholds[i] - class_threshold(prefer, c)))
 
-    best = {c: best_of(c) for c in CLASSES}
-    return {"count": {c: thresholds[i] for c, i in best.items()}, "images": len(gt),
-            "MAE": {c: mae[c][i] for c, i in best.items()},
-            "bias": {c: results[thresholds[i]]["per_class"][c]["mean_signed_error"] for c, i in best.items()},
-            "MAE_by_threshold": {c: dict(zip(thresholds, v)) for c, v in mae.items()}}
+    best = {c: thresholds[best_of(c)] for c in CLASSES}
+    chosen = {"count": best, "images": len(gt),
+              "MAE": {c: mean_over_groups(c, t, "MAE") for c, t in best.items()},
+              "bias": {c: mean_over_groups(c, t, "mean_signed_error") for c, t in best.items()},
+              "MAE_by_threshold": {c: dict(zip(thresholds, v)) for c, v in mae.items()}}
+    if len(groups) > 1:
+        chosen["by_source"] = {g: {"images": len(groups[g]), **{
+            figure: {c: r[t]["per_class"][c][key] for c, t in best.items()} for figure, key in (("MAE", "MAE"), ("bias", "mean_signed_error"))}}
+            for g, r in sorted(by_group.items())}
+    return chosen
 
 
 def box_iou(a, b) -> float:

@@ -70,6 +70,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                  orient: float = 0.5):
         self.train, self.mosaic, self.copy_paste, self.stain, self.orient, self.items = train, mosaic, copy_paste, stain, orient, []
         self.records = {f.key: f.record for f in fields}
+        self.sources = {f.key: f.source for f in fields}
         for f in fields:
             img = torch.from_numpy(f.pixels).permute(2, 0, 1).contiguous()
             # Ignore regions travel with the labels through every augmentation, told apart by their label.
@@ -382,7 +383,8 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
     # The first dataset's training fields (the most complete labels); all of them where it has none.
     reference = DetectionDataset([f for f in data.train if f.key.split("/", 1)[0] == first] or data.train, train=False)
     chosen = choose_count_threshold_for(out_dir / "best.pt", reference, dev)
-    log(f"count thresholds {chosen['count']}: per-image count MAE {chosen['MAE']} on {chosen['images']} "
+    averaged = f" averaged over {', '.join(chosen['by_source'])}" if "by_source" in chosen else ""
+    log(f"count thresholds {chosen['count']}: per-image count MAE {chosen['MAE']}{averaged} on {chosen['images']} "
         f"training fields of {first}")
     return {"best_val_AP": best_ap, "epochs": history[-1]["epoch"], "steps": step, "count_threshold": chosen["count"],
             "train_seconds": time.monotonic() - t_start, "history": history}
@@ -390,9 +392,10 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
 
 def choose_count_thresholds(model, fields: DetectionDataset, device) -> dict:
     """The per-class count thresholds of `model` on `fields` (training fields with complete labels:
-    thresholds fitted to val would be tuned to the fields they are reported on)."""
+    thresholds fitted to val would be tuned to the fields they are reported on), each of their
+    sources weighing the same."""
     model.to(device)
-    return choose_count_threshold(*labelled_predictions(model, fields, device))
+    return choose_count_threshold(*labelled_predictions(model, fields, device), sources=fields.sources)
 
 
 def choose_count_threshold_for(checkpoint: Path, fields: DetectionDataset, device) -> dict:

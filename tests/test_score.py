@@ -60,6 +60,31 @@ def test_count_thresholds_are_per_class_the_lowest_with_the_least_count_error():
     assert class_counts(preds["b.jpg"], {"RBC": 0.9, "WBC": 0.9, "Platelets": 0.45}) == {"RBC": 0, "WBC": 0, "Platelets": 2}
 
 
+def test_count_thresholds_weigh_each_source_the_same_whatever_its_number_of_fields():
+    """One lab's three fields each hold a false RBC scored 0.3; another lab's one field has two of its
+    three RBCs scored 0.25. Pooled over the four fields, the larger lab's wish (above 0.3) wins; with
+    each lab weighing the same, the error is as low below 0.25 (0.5 either way) and the lowest
+    threshold of the tie is taken."""
+    from bccd_batch.score import choose_count_threshold
+
+    one = {"width": 640, "height": 480, "boxes": [("RBC", 10, 10, 110, 110)]}
+    gt = {f"b{i}.jpg": one for i in range(3)}
+    gt["a.jpg"] = {**one, "boxes": [("RBC", 10 + 120 * i, 10, 110 + 120 * i, 110) for i in range(3)]}
+    preds = {k: [("RBC", 0.9, 10, 10, 110, 110), ("RBC", 0.3, 300, 300, 400, 400)] for k in gt if k != "a.jpg"}
+    preds["a.jpg"] = [("RBC", 0.9, 10, 10, 110, 110), ("RBC", 0.25, 130, 10, 230, 110), ("RBC", 0.25, 250, 10, 350, 110)]
+    pooled = choose_count_threshold(gt, preds)
+    assert pooled["count"]["RBC"] == 0.35 and pooled["MAE"]["RBC"] == pytest.approx(0.5) and "by_source" not in pooled
+    labs = {k: "A" if k == "a.jpg" else "B" for k in gt}
+    balanced = choose_count_threshold(gt, preds, sources=labs)
+    assert balanced["count"]["RBC"] == 0.05 and balanced["MAE"]["RBC"] == pytest.approx(0.5)
+    assert balanced["MAE_by_threshold"]["RBC"][0.35] == pytest.approx(1.0)      # lab A misses 2, lab B none
+    assert balanced["by_source"]["A"] == {"images": 1, "MAE": {"RBC": 0.0, "WBC": 0.0, "Platelets": 0.0},
+                                          "bias": {"RBC": 0.0, "WBC": 0.0, "Platelets": 0.0}}
+    assert balanced["by_source"]["B"]["images"] == 3 and balanced["by_source"]["B"]["bias"]["RBC"] == pytest.approx(1.0)
+    # One source: the pooled choice.
+    assert choose_count_threshold(gt, preds, sources=dict.fromkeys(gt, "A"))["count"] == pooled["count"]
+
+
 def test_a_preferred_threshold_wins_only_among_the_least_count_errors():
     from bccd_batch.score import choose_count_threshold
 

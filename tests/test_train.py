@@ -211,3 +211,8 @@ def test_two_datasets_train_with_val_figures_per_source(tmp_path, bccd):
     last = summary["history"][-1]
     assert {"val_txl_pbc/BCCD_AP", "val_txl_pbc/PBC_AP", "val_AP"} <= set(last)
     assert last["val_AP"] == pytest.approx((last["val_txl_pbc/BCCD_AP"] + last["val_txl_pbc/PBC_AP"]) / 2)
+    # Count thresholds on the first dataset's training fields, one BCCD and one PBC: each lab weighs the same.
+    chosen = json.loads(torch.load(tmp_path / "run" / "best.pt", weights_only=True)["count_threshold"])
+    assert {s: r["images"] for s, r in chosen["by_source"].items()} == {"txl_pbc/BCCD": 1, "txl_pbc/PBC": 1}
+    export_weights([tmp_path / "run" / "best.pt"], tmp_path / "model", data="txl_pbc", train_split="t.txt", val_split="v.txt")
+    assert "averaged over the fields' sources with each weighing the same" in read_card(tmp_path / "model")["threshold_choice"]["count"]
