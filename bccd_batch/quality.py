@@ -6,7 +6,7 @@ are unlike the training labs' is counted a second time brought to their look (`s
 The model was trained on two labs' fields (BCCD, PBC), all in focus and evenly lit; a field unlike
 them is counted wrong without any sign in its detections. With the model the thresholds were set
 for (v2, 2026-11-27), copies of 20 BCCD val fields blurred with a Gaussian of radius 1/2/3/4 px lost
-0/8/16/24% of their counted RBCs (the default loses 0/3/5%, and 0/5/8% of PBC's: docs/report.md), and
+0/8/16/24% of their counted RBCs (v6 loses 0/3/5%, and 0/5/8% of PBC's: docs/report.md), and
 copies darkened to x0.5/x0.7 or brightened to x1.2/x1.35 counted -20/-7/+4/+14%. The thresholds below catch those that
 moved counts by 7% or more and leave every BCCD field unflagged; PBC's 353 fields (focus 72-1349,
 green level 161-204, 6 or more RBCs counted) are none of them flagged either.
