@@ -193,9 +193,10 @@ def choose_count_threshold(gt: dict[str, dict], preds: dict[str, list[tuple]],
               "bias": {c: mean_over_groups(c, t, "mean_signed_error") for c, t in best.items()},
               "MAE_by_threshold": {c: dict(zip(thresholds, v)) for c, v in mae.items()}}
     if len(groups) > 1:
-        chosen["by_source"] = {g: {"images": len(groups[g]), **{
-            figure: {c: r[t]["per_class"][c][key] for c, t in best.items()} for figure, key in (("MAE", "MAE"), ("bias", "mean_signed_error"))}}
-            for g, r in sorted(by_group.items())}
+        chosen["by_source"] = {g: {"images": len(groups[g]),
+                                   "MAE": {c: r[t]["per_class"][c]["MAE"] for c, t in best.items()},
+                                   "bias": {c: r[t]["per_class"][c]["mean_signed_error"] for c, t in best.items()}}
+                               for g, r in sorted(by_group.items())}
     return chosen
 
 
