@@ -59,6 +59,19 @@ def test_split_torch_stages_equal_eager(which, request):
     _assert_same_detections(infer_split(_torch_stages(model), model, images, torch.device("cpu"), 2), ref, box_tol=0.011)
 
 
+def test_eager_engine_gives_each_field_its_own_detections_whatever_its_batch(setup):
+    """The eager engine batches on a GPU: a landscape field batched with a portrait one must not be
+    padded to their common canvas (that moved counts by up to 2 RBCs). On the CPU, which infers one
+    field at a time, the batch size is set by hand to run the same path."""
+    from bccd_batch.backends.torch_eager import TorchEngine
+
+    _, images, _ = setup
+    eng = TorchEngine(MODEL, "cuda" if torch.cuda.is_available() else "cpu")
+    alone = [eng.infer([a])[0] for a in images[::-1]]
+    eng.batch_size = len(images)
+    assert _counts_agree(eng.infer(images[::-1]), alone) == len(images)
+
+
 def test_one_pass_roi_align_equals_torchvision_at_the_field_edges(setup, monkeypatch):
     """The split's RoIAlign (every level in one stack, each RoI on its own level) against
     torchvision's MultiScaleRoIAlign, with boxes of every level touching the field's right and
@@ -119,18 +132,22 @@ def test_tensorrt_engine_matches_eager(setup, tmp_path, monkeypatch):
     _assert_same_detections(eng.infer(images), ref, box_tol=0.5)
 
 
-def _compiled_counts_match(images, ref, threshold=0.6, band=0.005):
-    """Images whose per-class counts at `threshold` agree with eager's, a detection scoring within
-    `band` of it counting on either side: fp16 moves scores by up to ~0.003 (docs/benchmarks.md), so
-    a detection on the threshold may fall either way, one further from it may not."""
-    from bccd_batch.backends.split_engine import SplitEngine
-
-    eng = SplitEngine(MODEL, "cuda", 4, "compiled", "fp16")
-    got = eng.infer(images)
+def _counts_agree(got, ref, threshold=0.6, band=0.005):
+    """Images whose per-class counts at `threshold` agree with `ref`'s, a detection scoring within
+    `band` of it counting on either side: fp16, or the GPU kernels picked per batch size, move scores
+    by up to ~0.003 (docs/benchmarks.md), so a detection on the threshold may fall either way, one
+    further from it may not."""
     counts = lambda dets, t: Counter(d[0] for d in dets if d[1] >= t)
     # Counter <= Counter: every class's count at most the other's
     agree = lambda a, b: counts(a, threshold + band) <= counts(b, threshold - band)
-    return eng, sum(1 for g, r in zip(got, ref) if agree(g, r) and agree(r, g))
+    return sum(1 for g, r in zip(got, ref) if agree(g, r) and agree(r, g))
+
+
+def _compiled_counts_match(images, ref):
+    from bccd_batch.backends.split_engine import SplitEngine
+
+    eng = SplitEngine(MODEL, "cuda", 4, "compiled", "fp16")
+    return eng, _counts_agree(eng.infer(images), ref)
 
 
 @pytest.mark.gpu

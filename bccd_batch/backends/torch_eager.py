@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..model import detections_to_tuples, image_to_input, load_model
-from . import EngineError
+from . import EngineError, field_hw
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,8 +47,20 @@ class TorchEngine:
         self.device = str(self.dev)
         self.device_name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else cpu_name()
 
-    @torch.inference_mode()
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
+        # Fields of one size per batch: a field padded to a larger neighbour's canvas gets other
+        # proposals and scores than it gets alone, so its counts would depend on its neighbours.
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, a in enumerate(images):
+            by_size.setdefault(tuple(field_hw(a)), []).append(i)
+        out: list[list[tuple]] = [[] for _ in images]
+        for idx in by_size.values():
+            for i, dets in zip(idx, self._infer_one_size([images[i] for i in idx])):
+                out[i] = dets
+        return out
+
+    @torch.inference_mode()
+    def _infer_one_size(self, images: list[np.ndarray]) -> list[list[tuple]]:
         out: list[list[tuple]] = []
         i = 0
         while i < len(images):
