@@ -317,12 +317,6 @@ def run(
     under SLIDES at all, 2 usage or configuration error, 75 another run holds OUT's lock, 130/143
     interrupted, 1 unexpected failure.
     """
-    from .backends import EngineError
-    from .labels import LabelError
-    from .model import ModelError
-    from .pipeline import EXIT_LOCKED, LockedError, RunOptions, run as run_pipeline
-    from .store import StoreError
-
     if not slides.is_dir():
         raise _fail(f"slides folder not found: {slides}")
     if labels is not None and not labels.exists():
@@ -334,6 +328,13 @@ def run(
         raise _fail(f"--executor must be local or ray, not {executor!r}")
     if executor == "ray":
         _need_ray()
+    # After the checks above: these import torch (3-4 s), which a mistyped cron line need not wait for.
+    from .backends import EngineError
+    from .labels import LabelError
+    from .model import ModelError
+    from .pipeline import EXIT_LOCKED, LockedError, RunOptions, run as run_pipeline
+    from .store import StoreError
+
     opts = RunOptions(slides=slides, out=out, model_dir=model or default_model_dir(), engine=engine, device=device,
                       batch_size=batch_size, full=full, decode_workers=decode_workers,
                       workers_per_device=workers_per_device, precision=precision, mps=mps, gpu_decode=gpu_decode,
