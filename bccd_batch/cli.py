@@ -504,8 +504,6 @@ def bench(
     executors: str = typer.Option("local", help="Executors to run each engine end to end with, comma-separated: local, ray (docs/ray.md)."),
 ) -> None:
     """Throughput of each engine, model-only and end to end (JPEG files -> store + CSVs)."""
-    from .bench import BenchError, run_bench, table
-
     try:
         pairs = [(name, int(batch)) for name, batch in (e.split(":") for e in engines.split(","))]
     except ValueError:
@@ -515,6 +513,8 @@ def bench(
         raise _fail(f"--executors takes local and/or ray, comma-separated, not {executors!r}")
     if "ray" in chosen:
         _need_ray()
+    from .bench import BenchError, run_bench, table   # imports torch: after the checks, as in `run`
+
     try:
         rows = run_bench(data / "JPEGImages", images, model or default_model_dir(), device, pairs, devices,
                          log=lambda m: typer.echo(m, err=True), decode_workers=decode_workers,
