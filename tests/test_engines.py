@@ -49,6 +49,17 @@ def _assert_same_detections(got, ref, box_tol):
         assert np.abs(np.array([d[2:] for d in g]) - np.array([d[2:] for d in r])).max() <= box_tol
 
 
+def _counts_agree(got, ref, threshold=0.6, band=0.005):
+    """Images whose per-class counts at `threshold` agree with `ref`'s, a detection scoring within
+    `band` of it counting on either side: fp16, or the GPU kernels picked per batch size, move scores
+    by up to ~0.003 (docs/benchmarks.md), so a detection on the threshold may fall either way, one
+    further from it may not."""
+    counts = lambda dets, t: Counter(d[0] for d in dets if d[1] >= t)
+    # Counter <= Counter: every class's count at most the other's
+    agree = lambda a, b: counts(a, threshold + band) <= counts(b, threshold - band)
+    return sum(1 for g, r in zip(got, ref) if agree(g, r) and agree(r, g))
+
+
 def _torch_stages(model):
     return SplitDetector(model, DenseStage(model).eval(), [b.eval() for b in box_stages(model)], torch.device("cpu"))
 
@@ -130,17 +141,6 @@ def test_tensorrt_engine_matches_eager(setup, tmp_path, monkeypatch):
     build_all(model, load_model(MODEL)[1]["weights"]["sha256"], tmp_path, "fp32", 4)
     eng = SplitEngine(MODEL, "cuda", 4, "tensorrt", "fp32")
     _assert_same_detections(eng.infer(images), ref, box_tol=0.5)
-
-
-def _counts_agree(got, ref, threshold=0.6, band=0.005):
-    """Images whose per-class counts at `threshold` agree with `ref`'s, a detection scoring within
-    `band` of it counting on either side: fp16, or the GPU kernels picked per batch size, move scores
-    by up to ~0.003 (docs/benchmarks.md), so a detection on the threshold may fall either way, one
-    further from it may not."""
-    counts = lambda dets, t: Counter(d[0] for d in dets if d[1] >= t)
-    # Counter <= Counter: every class's count at most the other's
-    agree = lambda a, b: counts(a, threshold + band) <= counts(b, threshold - band)
-    return sum(1 for g, r in zip(got, ref) if agree(g, r) and agree(r, g))
 
 
 def _compiled_counts_match(images, ref):
