@@ -3,12 +3,12 @@
 import pytest
 
 from bccd_batch.bench import run_bench, table
-from conftest import DATA, REPO, cli
+from conftest import DATA, cli
 
 
 @pytest.mark.slow
-def test_bench_rows_for_one_engine_and_a_device_set():
-    rows = run_bench(DATA / "JPEGImages", 4, REPO / "engines", "cpu", [("torch", 2)], ["cpu,cpu"], log=lambda m: None)
+def test_bench_rows_for_one_engine_and_a_device_set(small_model):
+    rows = run_bench(DATA / "JPEGImages", 4, small_model, "cpu", [("torch", 2)], ["cpu,cpu"], log=lambda m: None)
     # "cpu,cpu": one device, two worker processes (one each, the CPU's default).
     assert [(r["engine"], r["devices"], r["workers"]) for r in rows] == [("torch-eager-fp32", 1, 1), ("torch-eager-fp32", 1, 2)]
     assert all(r["end_to_end_img_s"] > 0 and r["images"] == 4 for r in rows)

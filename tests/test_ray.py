@@ -145,10 +145,10 @@ def test_an_engine_the_actors_cannot_build_is_a_usage_error_with_its_reason(ray_
 
 
 @pytest.mark.slow
-def test_bench_runs_each_engine_with_each_executor(ray_address):
+def test_bench_runs_each_engine_with_each_executor(ray_address, small_model):
     from bccd_batch.bench import run_bench
 
-    rows = run_bench(DATA / "JPEGImages", 10, MODEL, "cpu", [("torch", 1)], log=lambda m: None, executors=("local", "ray"))
+    rows = run_bench(DATA / "JPEGImages", 10, small_model, "cpu", [("torch", 1)], log=lambda m: None, executors=("local", "ray"))
     assert [(r["engine"], r["executor"]) for r in rows] == [("torch-eager-fp32", "local"), ("torch-eager-fp32", "ray")]
     assert rows[0]["model_only_img_s"] == rows[1]["model_only_img_s"]     # the engine's, measured once
     # Batch 1: the Ray executor's blocks are 8 fields, so 2 come after its first block.

@@ -306,12 +306,10 @@ def test_fuzz_yolo(tmp_path, lines, names, body):
 
 
 @pytest.mark.slow
-def test_soak_memory_and_fds_stay_flat(tmp_path):
+def test_soak_memory_and_fds_stay_flat(tmp_path, small_model):
     """A few hundred images (CI's size; the 10,000-image soak runs on the GPU with the default
     model): this process (the store) and the worker that infers keep memory and file descriptors
-    flat. On the CPU an untrained small model infers, in a quarter of the default model's time,
-    with as many detections a field to store (the cap of 100): the pipeline around it is the same."""
-    from bccd_batch.model import ModelConfig, build_model, save_model
+    flat. On the CPU the untrained small model infers: the pipeline around it is the same."""
     from bccd_batch.workers import open_fds, rss_mb
     from bccd_batch.pipeline import RunOptions, run
 
@@ -326,12 +324,7 @@ def test_soak_memory_and_fds_stay_flat(tmp_path):
         os.symlink(src[i % len(src)], soak / f"s{i % 4}" / f"f{i:05d}.jpg")
     # On a GPU: BCCD_SOAK_IMAGES=10000 BCCD_SOAK_DEVICE=cuda pytest -k soak tests/test_reliability.py
     device = os.environ.get("BCCD_SOAK_DEVICE", "cpu")
-    model_dir = REPO / "engines"
-    if device == "cpu":
-        torch.manual_seed(0)
-        cfg, model_dir = ModelConfig.for_input_size(256), tmp_path / "small-model"
-        save_model(build_model(cfg).eval(), cfg, model_dir, {"name": "untrained test model"})
-    opts = dict(out=tmp_path / "out", model_dir=model_dir, device=device, batch_size=4 if device == "cpu" else 32)
+    opts = dict(out=tmp_path / "out", model_dir=small_model if device == "cpu" else REPO / "engines", device=device, batch_size=4 if device == "cpu" else 32)
     run(RunOptions(slides=warm, **opts), log=lambda m: None)
     rss0, fds0 = rss_mb(), open_fds()
     result = run(RunOptions(slides=soak, **opts), log=lambda m: None)
