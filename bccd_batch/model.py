@@ -356,6 +356,17 @@ class Uploads:
         return [flat[a:b].view(f.shape).permute(2, 0, 1) for f, a, b in zip(fields, ends, ends[1:])]
 
 
+def indices_by_size(sizes: list[tuple[int, ...]]) -> list[list[int]]:
+    """The positions of the fields of each size (sizes as shapes), sizes in order of first
+    appearance: batch the eager model within a group only. It pads a batch to its largest field,
+    and a field padded to a larger neighbour's canvas gets other proposals and scores than it gets
+    alone (BCCD fields batched with PBC ones: 2 of 8 counted one RBC more at 0.40)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    return list(groups.values())
+
+
 def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """An HxWx3 uint8 field (or a 3xHxW one decoded on the device) as the float CHW tensor in
     [0, 1] that the eager model takes."""

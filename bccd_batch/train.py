@@ -23,7 +23,8 @@ from . import transforms as T
 from .cells import CLASSES
 from .datasets import Field, TrainingData
 from .progress import Progress
-from .model import IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, load_model, set_inference_size
+from .model import (IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, indices_by_size, load_model,
+                    set_inference_size)
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
 
@@ -129,16 +130,11 @@ def predict(model, dataset: DetectionDataset, device, batch_size: int = 8) -> di
     built for training (or its EMA copy) keeps the training sizes, whose largest eval mode would use."""
     model.eval()
     set_inference_size(model, model.config)
-    # Fields of one size per batch: a field padded to a larger neighbour's canvas gets other proposals
-    # and scores (BCCD fields batched with PBC ones: 2 of 8 counted one RBC more), while `run` on the
-    # CPU infers each field alone; thresholds chosen here must see the detections `run` counts.
-    by_size: dict[tuple, list] = {}
-    for it in dataset.items:
-        by_size.setdefault(tuple(it[1].shape), []).append(it)
+    # Fields of one size per batch: thresholds chosen here must see the detections `run` counts.
     out: dict[str, list[tuple]] = {}
-    for items in by_size.values():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
+    for idx in indices_by_size([it[1].shape for it in dataset.items]):
+        for i in range(0, len(idx), batch_size):
+            chunk = [dataset.items[k] for k in idx[i:i + batch_size]]
             dets = model([_to_float(it[1], device) for it in chunk])
             for it, d in zip(chunk, dets):
                 out[it[0]] = detections_to_tuples(d)

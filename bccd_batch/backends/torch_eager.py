@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import detections_to_tuples, image_to_input, load_model
+from ..model import detections_to_tuples, image_to_input, indices_by_size, load_model
 from . import EngineError, field_hw
 
 
@@ -48,13 +48,9 @@ class TorchEngine:
         self.device_name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else cpu_name()
 
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]:
-        # Fields of one size per batch: a field padded to a larger neighbour's canvas gets other
-        # proposals and scores than it gets alone, so its counts would depend on its neighbours.
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, a in enumerate(images):
-            by_size.setdefault(tuple(field_hw(a)), []).append(i)
+        # Fields of one size per batch: a field's counts must not depend on its neighbours.
         out: list[list[tuple]] = [[] for _ in images]
-        for idx in by_size.values():
+        for idx in indices_by_size([field_hw(a) for a in images]):
             for i, dets in zip(idx, self._infer_one_size([images[i] for i in idx])):
                 out[i] = dets
         return out
