@@ -19,11 +19,11 @@ import numpy as np
 from .decode import DecodeError, decode_bytes, decode_on_device, device_decodable, device_decoder_problem
 from .discover import ImageFile
 from .backends import count_again, field_hw, one_ahead, select_engine, submit
-from .model import Uploads
 from .quality import Quality, measure_device, measure_host
 from .store import pack_detections
 
 if TYPE_CHECKING:
+    from .model import Uploads
     from .pipeline import RunOptions
 
 
@@ -152,6 +152,8 @@ def decoded_groups(work, engine, opts: RunOptions, timings: dict, stop=lambda: F
     of its images/s (docs/benchmarks.md)."""
     model_sha = engine.card["weights"]["sha256"]
     window = max(2 * opts.batch_size, 4 * opts.decode_workers)
+    from .model import Uploads     # torch: here only, in a worker; the run's parent imports this module
+
     uploads = Uploads(engine.device) if engine.device.startswith("cuda") else None
     with ThreadPoolExecutor(max(1, opts.decode_workers)) as pool:
         prepared = _ordered(pool, lambda item: _prepare(*item, model_sha, opts.full, on_device, uploads is None),

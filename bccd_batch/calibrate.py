@@ -57,7 +57,8 @@ def calibrate(labels: Path, model_dir: Path, out: Path, device: str = "cpu", log
     field of `labels`, where that choice counted better on fields it had not seen (cross-validated);
     the model's own threshold elsewhere. Returns the card's `calibration` record."""
     from .datasets import load_training_data
-    from .model import CARD_NAME, load_model
+    from .card import CARD_NAME
+    from .model import load_model
     from .train import DetectionDataset, labelled_predictions
 
     model_dir, out = Path(model_dir), Path(out)

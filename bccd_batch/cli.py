@@ -160,7 +160,7 @@ def complete_labels_cmd(
     """Add a teacher's detections to fields whose labels leave cells out, for `train --data`."""
     from .complete import complete_labels
     from .labels import LabelError
-    from .model import ModelError
+    from .card import ModelError
 
     device = _one_device(device)
     try:
@@ -184,7 +184,7 @@ def calibrate(
     from .calibrate import calibrate as calibrate_model
     from .cells import class_threshold
     from .labels import LabelError
-    from .model import ModelError
+    from .card import ModelError
 
     device = _one_device(device)
     try:
@@ -214,7 +214,8 @@ def export_weights(
 ) -> None:
     """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
     average of several runs fine-tuned from one model (`train --init`)."""
-    from .model import ModelError, build_model, read_card, save_model
+    from .card import ModelError, read_card
+    from .model import build_model, save_model
     from .train import averaged_weights, checkpoint_weights
 
     one_checkpoint = len(checkpoints) == 1 and checkpoints[0].is_file()
@@ -331,7 +332,7 @@ def run(
     # After the checks above: these import torch (3-4 s), which a mistyped cron line need not wait for.
     from .backends import EngineError
     from .labels import LabelError
-    from .model import ModelError
+    from .card import ModelError
     from .pipeline import EXIT_LOCKED, LockedError, RunOptions, run as run_pipeline
     from .store import StoreError
 
@@ -430,7 +431,7 @@ def info(model: Optional[Path] = typer.Option(None, envvar="BCCD_BATCH_MODEL")) 
     import torch
     import torchvision
 
-    from .model import ModelError, read_card
+    from .card import ModelError, read_card
 
     lines = [f"bccd-batch {__version__}", f"python {platform.python_version()}",
              f"torch {torch.__version__}, torchvision {torchvision.__version__}"]

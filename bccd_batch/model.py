@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,17 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.boxes import box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .card import CARD_NAME, WEIGHTS_NAME, ModelError, read_card, sha256_file
 from .cells import CLASSES, arrays_to_tuples
 from .nms import select_detections
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
-CARD_NAME = "model.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 # The training-target label of an ignore region: a cell the field's labels leave out (a teacher's
 # detection, complete.py) that counts neither as an object nor as background (IgnoreRegionsRPN, and
 # torchvision's RoI matching, which gives a proposal the label of the box it overlaps most).
 IGNORE_LABEL = -1
-
-
-class ModelError(Exception):
-    """A model card or weights file that cannot be used; the message says why."""
 
 
 # Architecture keys older cards carry, at the value that is now the only one.
@@ -394,30 +388,6 @@ def detect_again(model: FasterRCNN, field: np.ndarray | torch.Tensor, device: to
 def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
     """torchvision's output dict -> [(cls, score, x0, y0, x1, y1)], rounded to what the CSVs keep."""
     return arrays_to_tuples(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy(), d["labels"].cpu().numpy())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_card(model_dir: Path) -> dict[str, Any]:
-    card_path = Path(model_dir) / CARD_NAME
-    try:
-        card = json.loads(card_path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"no model card at {card_path}") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"model card {card_path} is not valid JSON: {e}") from None
-    for key in ("architecture", "classes", "weights", "thresholds"):
-        if key not in card:
-            raise ModelError(f"model card {card_path} lacks '{key}'")
-    if tuple(card["classes"]) != CLASSES:
-        raise ModelError(f"model card classes {card['classes']} differ from {list(CLASSES)}")
-    return card
 
 
 def load_model(model_dir: Path) -> tuple[FasterRCNN, dict[str, Any]]:

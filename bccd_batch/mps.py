@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .backends import names_gpu
+from .backends import cuda_device_count, names_gpu
 
 CONTROL = "nvidia-cuda-mps-control"
 DEFAULT_PIPE_DIR = Path("/tmp/nvidia-mps")     # where a system-wide daemon listens by default
@@ -29,10 +29,8 @@ DEFAULT_PIPE_DIR = Path("/tmp/nvidia-mps")     # where a system-wide daemon list
 
 def wanted(devices: list[str]) -> bool:
     """MPS helps only where two or more worker processes share one GPU (`devices`: one entry per worker)."""
-    import torch
-
     gpus = [d for d in devices if names_gpu(d)]
-    return len(gpus) > len(set(gpus)) and torch.cuda.is_available()
+    return len(gpus) > len(set(gpus)) and cuda_device_count() > 0
 
 
 def _control(env: dict, command: str | None = None) -> bool:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from .backends import EngineError
 from .batches import Prepared, decoded_groups, new_timings, start_engine
 from .discover import ImageFile
-from .model import ModelError, read_card
+from .card import ModelError, read_card
 from .mps import mps_for_workers, wanted as mps_wanted
 from .quality import QUALITY, Quality
 from .workers import WORKERS_PER_GPU, decode_threads

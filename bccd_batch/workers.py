@@ -14,11 +14,9 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .discover import ImageFile
-from .backends import EngineError, names_gpu
-from .model import ModelError, read_card
+from .backends import EngineError, cuda_device_count, names_gpu
+from .card import ModelError, read_card
 from .batches import decoded_groups, new_timings, start_engine
 
 if TYPE_CHECKING:
@@ -34,7 +32,7 @@ def worker_devices(devices: list[str], per_device: int | None = None) -> list[st
     fill (and, under MPS, overlap: mps.py); docs/benchmarks.md has the measured worker counts. One
     on the CPU, where torch already spreads one worker over every core."""
     if per_device is None:
-        gpus = torch.cuda.is_available() and all(names_gpu(d) for d in devices)
+        gpus = cuda_device_count() > 0 and all(names_gpu(d) for d in devices)
         per_device = WORKERS_PER_GPU if gpus else 1
     return [d for d in devices for _ in range(per_device)]
 
@@ -64,7 +62,7 @@ def parse_devices(spec: str, log=print) -> list[str]:
     """`--device` once, in the parent, to what each worker runs on: `cuda:0,cuda:1` -> both; `all`
     -> every CUDA GPU; `auto` -> `cuda` where there is one; the CPU where a GPU is asked for and there
     is none (said once, in one line); an unknown device or GPU number is an EngineError."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = cuda_device_count()
     if spec == "all":
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
     devices = [d.strip() for d in spec.split(",") if d.strip()]

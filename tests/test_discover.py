@@ -27,11 +27,12 @@ def test_dangling_symlink_is_listed_for_the_error_report(tmp_path):
 
 
 def test_the_torch_free_stages_load_no_torch():
-    """Discovering, labels, the store, outputs, scoring and the report need no torch (importing it
-    costs seconds): each module imported alone in a fresh interpreter leaves torch unloaded."""
+    """Discovering, labels, the model card, the store, outputs, scoring, the report and the run's
+    parent (pipeline) need no torch (importing it costs seconds): each module imported alone in a fresh
+    interpreter leaves torch unloaded."""
     import subprocess
     import sys
 
-    for module in ("discover", "labels", "store", "outputs", "score", "report", "datasets", "cells"):
+    for module in ("discover", "labels", "card", "store", "outputs", "score", "report", "datasets", "cells", "pipeline"):
         code = f"import sys, bccd_batch.{module}; sys.exit('torch' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module

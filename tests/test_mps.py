@@ -92,10 +92,8 @@ def test_workers_that_fail_under_a_private_daemon_are_started_again_without_it(s
 
 
 def test_mps_is_asked_for_only_where_workers_share_a_gpu(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mps, "cuda_device_count", lambda: 2)
     assert mps.wanted(["cuda:0", "cuda:0", "cuda:1"]) and mps.wanted(["auto", "auto"])
     assert not mps.wanted(["cuda:0", "cuda:1"]) and not mps.wanted(["cpu", "cpu"])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mps, "cuda_device_count", lambda: 0)
     assert not mps.wanted(["cuda:0", "cuda:0"])

@@ -166,19 +166,21 @@ def test_a_night_without_any_image_file_exits_66_and_says_so(empty_night):
 def test_devices_are_parsed_once_to_what_each_worker_runs_on(monkeypatch):
     import torch
 
-    from bccd_batch.backends import EngineError
+    from bccd_batch import workers
+    from bccd_batch.backends import EngineError, cuda_device_count
     from bccd_batch.workers import parse_devices
 
+    # The count the parent asks for without torch where it can: torch's own.
+    assert cuda_device_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     said = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(workers, "cuda_device_count", lambda: 0)
     assert parse_devices("auto", said.append) == ["cpu"] and parse_devices("all", said.append) == ["cpu"] and not said
     assert parse_devices("cuda:0, cpu", said.append) == ["cpu", "cpu"]
     assert said == ["cuda:0 requested but no CUDA GPU is available: running on the CPU"]
     for bad in ("tpu", "cpu:1", "cuda:x", " , "):
         with pytest.raises(EngineError):
             parse_devices(bad)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(workers, "cuda_device_count", lambda: 2)
     assert parse_devices("all") == ["cuda:0", "cuda:1"] and parse_devices("auto") == ["cuda"]
     with pytest.raises(EngineError, match="this machine has 2 CUDA GPUs"):
         parse_devices("cuda:0,cuda:2")
@@ -358,6 +360,25 @@ def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd)
     for name in ["detections.csv", "counts.csv", "slides.csv", "errors.csv"]:
         assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
     assert not (out / ".work-list").exists()
+
+
+def test_the_parent_of_a_run_on_a_host_without_gpus_imports_no_torch():
+    """The parent parses --device, reads the card and stores what its workers send; only the workers
+    need torch, so where no NVIDIA driver can be loaded the parent never imports it (seconds of every
+    run's start-up, and its memory)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this host has an NVIDIA driver: the parent asks torch how many GPUs it has")
+    except OSError:
+        pass
+    code = ("import sys; from bccd_batch import cli, mps, pipeline; from bccd_batch.card import read_card; "
+            "from bccd_batch.workers import parse_devices, worker_devices; "
+            "devices = worker_devices(parse_devices('auto')); mps.wanted(devices); read_card(cli.default_model_dir()); "
+            "sys.exit(f'{devices} torch' if 'torch' in sys.modules else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
 
 
 def test_batches_submit_the_next_before_collecting_the_last():

@@ -5,12 +5,14 @@ a 3xHxW uint8 tensor there."""
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
+from ..card import read_card
 from ..cells import class_threshold
 from ..quality import Quality, rbc_size, second_pass
 
@@ -27,6 +29,19 @@ class Engine(Protocol):
     model: object      # the eager torchvision model on `device`, for fields no static graph takes
 
     def infer(self, images: list[np.ndarray]) -> list[list[tuple]]: ...
+
+
+def cuda_device_count() -> int:
+    """The CUDA GPUs this process can use, as torch counts them. Where no NVIDIA driver can be loaded
+    there are none and torch is not imported: a run's parent process on a CPU host leaves torch (~2.5 s
+    of start-up and its memory) to its workers."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def names_gpu(device: str) -> bool:
@@ -106,7 +121,6 @@ def select_engine(name: str, device: str, model_dir: Path, batch_size: int, log=
         raise EngineError(f"unknown engine {name!r} (choose from {', '.join(ENGINE_CHOICES)})")
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    from ..model import read_card
     from .split_engine import SplitEngine
     from .tensorrt import built_here
     from .torch_eager import TorchEngine, resolve_device
