@@ -39,7 +39,7 @@ class Prepared:
     skip: str | None = None       # "skipped" or "failed" (unchanged and failed before)
     quality: Quality | None = None    # the decoded field's measures: quality.py
     recounted_at: float | None = None      # the scale of its second pass (quality.second_pass), None: counted once
-
+    recoloured: str | None = None          # how that pass recoloured it (quality.SecondPass.recoloured)
 
 
 def _prepare(f: ImageFile, prior: tuple | None, model_sha: str, full: bool, on_device: bool = False,
@@ -223,9 +223,9 @@ def _collect_group(engine, batch: list[Prepared], done: list[Prepared], collect,
         p.quality = q
     t = time.monotonic()
     dets = []
-    for p, (d, scale) in zip(batch, count_again(engine, [p.array for p in batch], first, [p.quality for p in batch])):
-        dets.append(d)
-        p.recounted_at = scale
+    for p, counted in zip(batch, count_again(engine, [p.array for p in batch], first, [p.quality for p in batch])):
+        dets.append(counted.dets)
+        p.recounted_at, p.recoloured = counted.scale, counted.recoloured
     timings["inference_seconds"] += time.monotonic() - t
     group = []
     for p, d in zip(batch, dets):

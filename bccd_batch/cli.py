@@ -210,7 +210,8 @@ def export_weights(
     val_split: Optional[str] = typer.Option("val"),
     # Annotated, so that a direct call (tests, train --export) gets None rather than typer's OptionInfo.
     thresholds_on: Annotated[Optional[Path], typer.Option(help="Choose the per-class count thresholds on this dataset's "
-                                                          "--train-split fields (complete labels) instead of taking train's.")] = None,
+                                                          "--train-split fields (complete labels) instead of taking train's, "
+                                                          "and take the training labs' colours (`run`'s second pass) from them.")] = None,
 ) -> None:
     """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
     average of several runs fine-tuned from one model (`train --init`)."""
@@ -227,7 +228,8 @@ def export_weights(
             cfg, state = averaged_weights(checkpoints)
         training = {"data": data, "train_split": train_split, "val_split": val_split, "from_scratch": True}
         if one_folder:   # the same weights, new thresholds: the card keeps how they were trained
-            training = read_card(checkpoints[0])["training"]
+            folder_card = read_card(checkpoints[0])
+            training = folder_card["training"]
     except (ModelError, ValueError, OSError) as e:
         raise _fail(str(e))
     model = build_model(cfg)
@@ -247,10 +249,13 @@ def export_weights(
         metrics = {}
     extra = {"training": training, "metrics": metrics}
     chosen = record["count_threshold"] if one_checkpoint else None
+    # The training fields' colours (`run`'s second pass); none for a soup, whose runs may have seen other fields.
+    colours = record["colours"] if one_checkpoint else folder_card.get("colours") if one_folder else None
     where = "the run's {} training fields of its first dataset, chosen by `bccd-batch train`"
     if thresholds_on is not None:
         from .datasets import load_training_data
         from .labels import LabelError
+        from .quality import colour_reference
         from .train import DetectionDataset, choose_count_thresholds
 
         try:
@@ -258,6 +263,7 @@ def export_weights(
         except LabelError as e:
             raise _fail(str(e))
         chosen = choose_count_thresholds(model, DetectionDataset(fields.train, train=False), "cpu")
+        colours = colour_reference((f.source, f.pixels) for f in fields.train)
         where = f"the {{}} {train_split} fields of {thresholds_on}, chosen by `bccd-batch export-weights --thresholds-on`"
     if chosen is not None:
         extra["thresholds"] = {"detection": cfg.detection_threshold, "count": chosen["count"]}
@@ -272,6 +278,10 @@ def export_weights(
     else:
         typer.echo("no count thresholds were chosen for these weights (only `train`'s best.pt has them): the card "
                    "says 0.5", err=True)
+    if colours:
+        extra["colours"] = colours
+    else:
+        typer.echo("no training colours were recorded for these weights: `run` counts fields of another stain once", err=True)
     card = save_model(model, cfg, out, extra)
     typer.echo(f"wrote {out / card['weights']['file']} (sha256 {card['weights']['sha256'][:16]}…) and {out / 'model.json'}")
 

@@ -369,17 +369,18 @@ def image_to_input(image: np.ndarray | torch.Tensor, device: torch.device) -> to
 
 @torch.inference_mode()
 def detect_again(model: FasterRCNN, field: np.ndarray | torch.Tensor, device: torch.device | str, scale: float,
-                 gains: tuple[float, float, float] | None = None) -> list[tuple]:
+                 gains: tuple[float, float, float] | None = None, offsets: tuple[float, float, float] | None = None) -> list[tuple]:
     """One field through the eager model resized to `scale` times the size its transform gives it
-    (cells `scale` times as large in the network's input) and, with `gains`, each colour channel
-    multiplied by its gain; detections in the field's own pixels."""
+    (cells `scale` times as large in the network's input) and, with `gains` and `offsets`, each colour
+    channel's 8-bit levels x taken to x * gain + offset; detections in the field's own pixels."""
     t = model.transform
     sizes = t.min_size, t.max_size
     t.min_size, t.max_size = tuple(round(s * scale) for s in sizes[0]), round(sizes[1] * scale)
     try:
         x = image_to_input(field, device)
         if gains is not None:
-            x = (x * torch.tensor(gains, dtype=x.dtype, device=x.device).view(3, 1, 1)).clamp_(0, 1)
+            g, o = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1) for v in (gains, offsets))
+            x = (x * g + o / 255).clamp_(0, 1)
         return detections_to_tuples(model([x])[0])
     finally:
         t.min_size, t.max_size = sizes

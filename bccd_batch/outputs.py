@@ -14,7 +14,7 @@ from .quality import QUALITY, field_flags, rbc_size
 from .store import STORE_NAME, unpack_detections
 
 DETECTION_COLUMNS = ["image", "slide", "width", "height", "class", "score", "xmin", "ymin", "xmax", "ymax"]
-COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, *QUALITY, "cell_size", "recounted_at", "flags"]
+COUNT_COLUMNS = ["image", "slide", "width", "height", *CLASSES, *QUALITY, "cell_size", "recounted_at", "recoloured", "flags"]
 # Estimates of a lab's blood counts: mean cells per field times the lab's own calibration factor
 # (`run --platelet-factor/--wbc-factor`); blank where the lab has configured none.
 ESTIMATED = ("Platelets", "WBC")
@@ -60,7 +60,8 @@ def gather(store, run_id: int, root: str, count_threshold: Threshold, factors: d
     counts = {rel: class_counts(ds, count_threshold) for rel, ds in dets.items()}
     rbc_cut = class_threshold(count_threshold, "RBC")
     sizes = {r["rel"]: rbc_size(dets[r["rel"]], rbc_cut, r["width"], r["height"]) for r in images if r["status"] == "ok"}
-    flags = {r["rel"]: field_flags(counts[r["rel"]], *(r[k] for k in QUALITY), sizes[r["rel"]], r["recounted_at"])
+    flags = {r["rel"]: field_flags(counts[r["rel"]], *(r[k] for k in QUALITY), sizes[r["rel"]], r["recounted_at"],
+                                   r["recoloured"])
              for r in images if r["status"] == "ok"}
     slides: dict[str, dict] = {}
     for r in images:
@@ -94,7 +95,7 @@ def write_run_files(run_dir: Path, data: dict, info: dict) -> None:
     atomic_write(run_dir / "counts.csv", _csv_text(COUNT_COLUMNS, (
         (r["rel"], r["slide"], r["width"], r["height"], *(data["counts"][r["rel"]][c] for c in CLASSES),
          *(_blank_none(r[k]) for k in QUALITY), _blank_none(data["cell_sizes"][r["rel"]]),
-         _blank_none(r["recounted_at"]),
+         _blank_none(r["recounted_at"]), _blank_none(r["recoloured"]),
          ";".join(f for f, _ in data["flags"][r["rel"]]))
         for r in ok)))
     atomic_write(run_dir / "slides.csv", _csv_text(SLIDE_COLUMNS, (

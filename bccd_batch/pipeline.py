@@ -183,8 +183,8 @@ def _store_group(store: Store, run_id: int, root: str, model_sha: str, group: li
         if dets is None:
             m["error"] = p.error
         else:
-            m.update(p.quality._asdict() if p.quality else dict.fromkeys(QUALITY),
-                     width=hw[1], height=hw[0], model_sha256=model_sha, detections=dets, recounted_at=p.recounted_at)
+            m.update(dict(zip(QUALITY, p.quality.measures)) if p.quality else dict.fromkeys(QUALITY), width=hw[1], height=hw[0],
+                     model_sha256=model_sha, detections=dets, recounted_at=p.recounted_at, recoloured=p.recoloured)
         images.append(m)
     with store.transaction():
         store.record_images(run_id, root, images)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -25,15 +25,24 @@ if TYPE_CHECKING:
 
 
 class Quality(NamedTuple):
-    """A decoded field's measures (defined below); focus is None where the field is too small."""
+    """A decoded field's measures (defined below); focus is None where the field is too small.
+    `levels`, the background's and the stained cells' mean red, green and blue (8-bit), are what
+    the colour measures are taken from and what `unlike_stain` compares with the training labs';
+    they are not stored."""
     focus: float | None
     brightness: float
     tint_red: float
     tint_blue: float
     stain: float
+    levels: tuple[float, ...] | None = None
+
+    @property
+    def measures(self) -> tuple:
+        """The measures stored and reported (`QUALITY`), in `field_flags`' order."""
+        return self[:len(QUALITY)]
 
 
-QUALITY = Quality._fields      # their names: the store's and counts.csv's columns
+QUALITY = Quality._fields[:-1]      # the stored measures' names: the store's and counts.csv's columns
 
 # Variance of the Laplacian of the green channel sampled at every other pixel (`_sampled`): BCCD's
 # 292 fields 20.3-73.0. The 20 val fields blurred and saved as JPEG: at radius 2 px 7.2-11.9
@@ -76,6 +85,24 @@ MIN_TINT_BLUE, MAX_TINT_BLUE = -0.06, 0.16
 MIN_STAIN = 0.07
 
 
+# A field's stain against the training labs' (the card's `colours`, `colour_reference`): its
+# `contrast`, the stained cells' optical density over the background's in red, green and blue, which
+# a lamp's or a camera's colour balance leaves alone (it scales both alike) and a stain, a camera's
+# contrast or its exposure curve move. A field within a training source's range, widened by this share
+# of the range, is like that source's. BCCD's 205 training fields (red / green / blue 0.091-0.293 /
+# 0.290-0.498 / 0.053-0.327) hold all of its 292 fields so; 350 of PBC's 353 (all 71 of TXL-PBC's val
+# ones) lie further outside them, and with PBC's 282 training fields (0.263-0.767 / 0.404-1.256 /
+# 0.183-0.360) in the ranges too, none of TXL-PBC's 485 fields does (2026-12-07). Ranges from only 90
+# of BCCD's fields left 61 of its 292 outside (their blue up to 0.30): take them from every training field.
+COLOUR_MARGIN = 0.1
+# Under this much contrast in every channel (a blank field; BCCD's least is 0.29 in green) nothing is
+# stained to match.
+MIN_CONTRAST = 0.05
+# The most a second pass stretches or squeezes a channel's contrast: a field with next to none
+# (blank, or in grey levels) is not amplified into noise.
+MIN_COLOUR_GAIN, MAX_COLOUR_GAIN = 0.25, 4.0
+
+
 # The green channel, every other pixel of every other row, stands for the field: a Bayer sensor
 # samples green twice, and stained cells contrast most with the plasma in it. That is ~0.2 ms a
 # field on one host core (the three channels' mean at full resolution cost 1.2 ms); with the
@@ -97,10 +124,12 @@ def _laplacian(g):
     return g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
 
 
-def _rounded(focus: float, brightness: float, tint_red: float, tint_blue: float, stain: float) -> Quality:
-    """Focus is None for a field too small to have a Laplacian (under 5 pixels a side)."""
+def _rounded(focus: float, brightness: float, tint_red: float, tint_blue: float, stain: float, *levels: float) -> Quality:
+    """A `Quality` of raw values, `levels` last; focus is None for a field too small to have a Laplacian
+    (under 5 pixels a side)."""
     return Quality(None if math.isnan(focus) else round(float(focus), 3), round(float(brightness), 2),
-                   round(float(tint_red), 3), round(float(tint_blue), 3), round(float(stain), 3))
+                   round(float(tint_red), 3), round(float(tint_blue), 3), round(float(stain), 3),
+                   tuple(round(float(v), 2) for v in levels))
 
 
 def _od(level):
@@ -120,9 +149,9 @@ def measure_host(field: np.ndarray) -> Quality:
     # One partition per rank: numpy's partition at both ranks at once took 0.7 ms against 0.02 each.
     bright_cut, dark_cut = (np.partition(g.ravel(), rank)[rank] for rank in _ranks(g.size))
     # Channel by channel: 0.2 ms a mask, where gathering the pixels' three channels at once took 0.5.
-    od = [_od(np.array([field[0::2, 0::2, c][chosen].mean(dtype=np.float64) for c in range(3)]))
-          for chosen in (g >= bright_cut, g <= dark_cut)]
-    return _rounded(focus, float(g.mean(dtype=np.float64)), *_colour(*od))
+    levels = [np.array([field[0::2, 0::2, c][chosen].mean(dtype=np.float64) for c in range(3)])
+              for chosen in (g >= bright_cut, g <= dark_cut)]
+    return _rounded(focus, float(g.mean(dtype=np.float64)), *_colour(*map(_od, levels)), *levels[0], *levels[1])
 
 
 def _ranks(n: int) -> tuple[int, int]:
@@ -145,7 +174,7 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
     once.)"""
     import torch
 
-    values = torch.empty((len(fields), len(QUALITY)), device=fields[0].device)
+    values = torch.empty((len(fields), len(QUALITY) + 6), device=fields[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for i, f in enumerate(fields):
         by_shape.setdefault(tuple(f.shape), []).append(i)
@@ -155,12 +184,13 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
         g = _sampled(stacked[:, 1])
         focus = torch.full((len(idx),), math.nan, device=g.device) if _too_small(g) else \
             _laplacian(g).flatten(1).float().var(1, correction=0)
-        od = []
+        levels = []
         for rank, brighter in zip(_ranks(rgb.shape[2]), (True, False)):   # the host's cuts
             cut = rgb[:, 1].kthvalue(rank + 1, 1, keepdim=True).values
             chosen = (rgb[:, 1] >= cut if brighter else rgb[:, 1] <= cut).float()
-            od.append(_od((rgb * chosen[:, None]).sum(2) / chosen.sum(1, keepdim=True)))
-        values[idx] = torch.stack([focus, g.flatten(1).float().mean(1), *_colour(*od)], 1)
+            levels.append((rgb * chosen[:, None]).sum(2) / chosen.sum(1, keepdim=True))
+        values[idx] = torch.cat([torch.stack([focus, g.flatten(1).float().mean(1), *_colour(*map(_od, levels))], 1),
+                                 *levels], 1)
     if values.device.type != "cuda":
         measured = [_rounded(*v) for v in values.tolist()]
         return lambda: measured
@@ -173,6 +203,65 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
         done.synchronize()
         return [_rounded(*v) for v in host.tolist()]
     return collect
+
+
+def contrast(levels: tuple[float, ...]) -> np.ndarray:
+    """The stained cells' red, green and blue optical densities over the background's, from `levels`."""
+    return _od(np.array(levels[3:])) - _od(np.array(levels[:3]))
+
+
+def channel_spread(field) -> tuple[list[float], list[float]]:
+    """Each channel's mean and standard deviation over the sampled pixels of an HxWx3 (numpy) or a
+    3xHxW (torch) uint8 field."""
+    if isinstance(field, np.ndarray):
+        x = field[0::2, 0::2].reshape(-1, 3).astype(np.float64)
+        return x.mean(0).tolist(), x.std(0).tolist()
+    x = field[:, 0::2, 0::2].flatten(1).double()
+    return x.mean(1).tolist(), x.std(1, correction=0).tolist()
+
+
+def colour_reference(fields: Iterable[tuple[str, np.ndarray]]) -> dict[str, dict]:
+    """The card's `colours` from (source, HxWx3 field) pairs of a model's training fields: per source
+    the range of their `contrast` and the median of each channel's mean and standard deviation."""
+    by_source: dict[str, list] = {}
+    for source, field in fields:
+        by_source.setdefault(source, []).append((contrast(measure_host(field).levels), *map(np.array, channel_spread(field))))
+    out = {}
+    for source, rows in sorted(by_source.items()):
+        c, mean, std = (np.array(v) for v in zip(*rows))
+        out[source] = {"fields": len(rows), "contrast_low": c.min(0).round(3).tolist(), "contrast_high": c.max(0).round(3).tolist(),
+                       "mean": np.median(mean, 0).round(2).tolist(), "std": np.median(std, 0).round(2).tolist()}
+    return out
+
+
+def unlike_stain(levels: tuple[float, ...] | None, colours: dict[str, dict] | None) -> str | None:
+    """The training lab whose stain a field's is nearest (the least optical density outside its range
+    in any channel), where its `contrast` lies outside every lab's range (`COLOUR_MARGIN`); None for a
+    field like one lab's, with nothing stained (`MIN_CONTRAST`), unmeasured, or a model whose card has
+    no `colours`."""
+    if levels is None or not colours:
+        return None
+    x = contrast(levels)
+    if x.max() < MIN_CONTRAST:
+        return None
+    outside = {}       # lab -> how far outside its range: in optical density, and in ranges
+    for lab, ref in colours.items():
+        low, high = np.array(ref["contrast_low"]), np.array(ref["contrast_high"])
+        by = np.maximum(low - x, x - high)
+        outside[lab] = (float(by.max()), float((by / np.maximum(high - low, 1e-3)).max()))
+    if min(share for _, share in outside.values()) <= COLOUR_MARGIN:
+        return None
+    # Nearest in density, not in ranges: a paler stain than the paler lab's is that lab's, however
+    # much wider the other lab's range.
+    return min(outside, key=lambda lab: outside[lab][0])
+
+
+def matched_colours(field, ref: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (gains, offsets), 8-bit levels x -> x * gain + offset, that give a field each
+    channel's mean and standard deviation of a lab's fields (`colour_reference`)."""
+    mean, std = channel_spread(field)
+    gains = tuple(float(np.clip(r / max(s, 1e-3), MIN_COLOUR_GAIN, MAX_COLOUR_GAIN)) for r, s in zip(ref["std"], std))
+    return gains, tuple(float(r - m * g) for r, m, g in zip(ref["mean"], mean, gains))
 
 
 def rbc_size(dets: list[tuple], rbc_threshold: float, width: int, height: int) -> float | None:
@@ -202,23 +291,42 @@ def off_training_tint(tint_red: float | None, tint_blue: float | None) -> bool:
     return tint_red is not None and not (MIN_TINT_RED <= tint_red <= MAX_TINT_RED and MIN_TINT_BLUE <= tint_blue <= MAX_TINT_BLUE)
 
 
-def second_pass(cell_size: float | None, tint_red: float | None, tint_blue: float | None) -> tuple[float, tuple[float, float, float] | None] | None:
-    """How to count a field again, or None for a field like the training labs': (scale, gains) with
-    the scale of `recount_scale` (1 where the size is in range) and, for a colour cast off the
-    training labs', per-channel gains that make the background grey (its red and blue optical
-    densities brought to its green's; None where in range)."""
+WHITE_BALANCE = "white balance"      # `SecondPass.recoloured` for a field made grey; else a lab's name
+
+
+class SecondPass(NamedTuple):
+    """How a field unlike the training labs' is counted again (`second_pass`)."""
+    scale: float                            # `recount_scale`'s, 1 where its RBCs' size is in range
+    recoloured: str | None                  # WHITE_BALANCE, the lab whose colours it was given, or None
+    gains: tuple[float, float, float] | None = None       # x -> x * gain + offset per channel, 8-bit levels
+    offsets: tuple[float, float, float] | None = None
+
+
+def second_pass(field, cell_size: float | None, quality: Quality | None, colours: dict[str, dict] | None) -> SecondPass | None:
+    """How to count a field (HxWx3 numpy or 3xHxW torch) again, or None for one like the training
+    labs': resized as `recount_scale` says, and recoloured where its colours are off theirs. A stain
+    unlike every lab's (`unlike_stain`) is given the nearest lab's colours (each channel's mean and
+    spread: `matched_colours`), which also undoes a lamp's cast; a colour cast alone (another lamp or
+    camera white balance, `off_training_tint`) is white-balanced to a grey background (its red and
+    blue optical densities brought to its green's)."""
     scale = recount_scale(cell_size)
-    gains = (math.exp(tint_red), 1.0, math.exp(tint_blue)) if off_training_tint(tint_red, tint_blue) else None
-    return None if scale is None and gains is None else (scale or 1.0, gains)
+    lab = unlike_stain(quality.levels if quality else None, colours)
+    if lab is not None:
+        return SecondPass(scale or 1.0, lab, *matched_colours(field, colours[lab]))
+    if quality is not None and off_training_tint(quality.tint_red, quality.tint_blue):
+        return SecondPass(scale or 1.0, WHITE_BALANCE, (math.exp(quality.tint_red), 1.0, math.exp(quality.tint_blue)), (0.0, 0.0, 0.0))
+    return None if scale is None else SecondPass(scale, None)
 
 
 def field_flags(counts: dict[str, int], focus: float | None, brightness: float | None,
                 tint_red: float | None = None, tint_blue: float | None = None, stain: float | None = None,
-                cell_size: float | None = None, recounted_at: float | None = None) -> list[tuple[str, str]]:
-    """(flag, reason) pairs for one field: its counts, its `Quality` measures, its RBCs' size and the
-    scale of its second pass. Fields stored before a measure was taken have None for it;
-    `cell_size` is `rbc_size`'s, None where it was not measured; `recounted_at` the scale at which
-    the field was counted again (`second_pass`: 1 where only its colour was off), None where it was not."""
+                cell_size: float | None = None, recounted_at: float | None = None,
+                recoloured: str | None = None) -> list[tuple[str, str]]:
+    """(flag, reason) pairs for one field: its counts, its `Quality` measures, its RBCs' size and its
+    second pass. Fields stored before a measure was taken have None for it; `cell_size` is
+    `rbc_size`'s, None where it was not measured; `recounted_at` the scale at which the field was
+    counted again (`second_pass`: 1 where only its colour was off), None where it was not, and
+    `recoloured` how that pass recoloured it (`SecondPass.recoloured`)."""
     flags = []
     if focus is not None and focus < MIN_FOCUS:
         flags.append(("blurred", f"sharpness {focus:.1f} (< {MIN_FOCUS:g}; the training labs' fields 20.3-1349): out of focus? "
@@ -236,8 +344,14 @@ def field_flags(counts: dict[str, int], focus: float | None, brightness: float |
         again = f"; counted again at x{recounted_at:g}, with its RBCs at the training size" if resized else ""
         flags.append(("cell size", f"RBCs {size} (the training labs' fields 0.175-0.285): "
                                    f"another magnification? RBC counts drift as cells shrink or grow{again}"))
+    lab = recoloured if recoloured not in (None, WHITE_BALANCE) else None
+    if lab is not None:
+        flags.append(("other stain", "the cells' contrast against the background (stained over background optical density "
+                                     "in red, green and blue) unlike the training labs' fields: another stain, camera or "
+                                     f"exposure? Platelets and WBCs are missed first; counted again with the colours of {lab}'s fields"))
     if off_training_tint(tint_red, tint_blue):
-        again = "; counted again with its background made grey" if recounted_at is not None else ""
+        again = {WHITE_BALANCE: "; counted again with its background made grey", None: ""}.get(
+            recoloured, f"; counted again with the colours of {lab}'s fields")
         flags.append(("colour cast", f"background's red / blue optical density {tint_red:+.2f} / {tint_blue:+.2f} over its "
                                      "green's (the training labs' fields -0.12..+0.06 / -0.04..+0.14): another lamp, "
                                      f"filter or camera white balance? Platelet and WBC counts fall under a strong cast{again}"))

@@ -74,7 +74,7 @@ def _result_schema(pa):
     """Fixed column types: a block whose column is all None (no field skipped, say) stays typed."""
     text, count, real = pa.string(), pa.int64(), pa.float64()
     return pa.schema([("rel", text), ("size", count), ("mtime_ns", count), ("sha256", text), ("error", text),
-                      ("skip", text), *[(k, real) for k in QUALITY], ("recounted_at", real), ("height", count), ("width", count),
+                      ("skip", text), *[(k, real) for k in QUALITY], ("recounted_at", real), ("recoloured", text), ("height", count), ("width", count),
                       ("dets", pa.binary()), *[(f"t_{k}", real) for k in _TIMINGS], ("engine", text), ("device_name", text)])
 
 
@@ -88,7 +88,7 @@ def _result_table(pa, group: list[tuple], timings: dict, engine):
         "rel": [p.file.rel for p in ps], "size": [p.size for p in ps], "mtime_ns": [p.mtime_ns for p in ps],
         "sha256": [p.sha256 for p in ps], "error": [p.error for p in ps], "skip": [p.skip for p in ps],
         **{k: [getattr(p.quality, k) if p.quality else None for p in ps] for k in QUALITY},
-        "recounted_at": [p.recounted_at for p in ps],
+        "recounted_at": [p.recounted_at for p in ps], "recoloured": [p.recoloured for p in ps],
         "height": [h for h, _ in hws], "width": [w for _, w in hws],
         "dets": [d for _, _, d in group],
         **{f"t_{k}": [timings[k] / max(1, n)] * n for k in _TIMINGS},
@@ -126,7 +126,8 @@ class FieldActor:
 
 def _group(cols: dict, i: int, by_rel: dict) -> tuple:
     p = Prepared(by_rel[cols["rel"][i]], size=cols["size"][i], mtime_ns=cols["mtime_ns"][i], sha256=cols["sha256"][i],
-                 error=cols["error"][i], skip=cols["skip"][i], recounted_at=cols["recounted_at"][i])
+                 error=cols["error"][i], skip=cols["skip"][i], recounted_at=cols["recounted_at"][i],
+                 recoloured=cols["recoloured"][i])
     if cols["brightness"][i] is not None:
         p.quality = Quality(*(cols[k][i] for k in QUALITY))
     hw = (cols["height"][i], cols["width"][i]) if cols["height"][i] is not None else None

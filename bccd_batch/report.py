@@ -66,8 +66,8 @@ def slide_flags(slide: dict, uncertain_ratio: float, flagged_fields: int = 0) ->
         flags.append(("unreadable fields", f"{slide['unreadable']} field image(s) could not be read; see Errors"))
     if flagged_fields:
         flags.append(("flagged fields", f"{flagged_fields} field(s) blurred, badly exposed, with too few cells "
-                                        "to count, faintly stained, or with cells of another size or a colour cast, counted "
-                                        "again brought to the training labs' look (badged in Fields)"))
+                                        "to count, faintly stained, or with cells of another size, another stain or a colour "
+                                        "cast, counted again brought to the training labs' look (badged in Fields)"))
     if slide["fields"] and slide["WBC"] == 0:
         flags.append(("no WBC", "no white cell found in any field of this slide"))
     if slide["fields"] and slide["RBC_per_field"] < 5:

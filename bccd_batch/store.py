@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from .cells import CLASSES
+from .quality import MAX_TINT_BLUE, MAX_TINT_RED, MIN_TINT_BLUE, MIN_TINT_RED, WHITE_BALANCE
 
 STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
 
@@ -22,8 +23,8 @@ STORE_NAME = "bccd-batch.sqlite"   # OUT/<this>: one store per results root
 # images.id; 3: packed into their image's row; 4: each image's focus and brightness (quality.py);
 # 5: the scale a field off the training magnification was counted again at (quality.recount_scale);
 # 6: each image's background colour cast (quality.py's tint_red, tint_blue); 7: its stain's colour
-# (quality.py's stain).
-SCHEMA_VERSION = 7
+# (quality.py's stain); 8: how its second pass recoloured it (quality.SecondPass.recoloured).
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS images (
     recounted_at REAL,                  -- the scale of its second pass (NULL: counted once)
     tint_red REAL, tint_blue REAL,      -- quality.py's colour cast (NULL: error, or stored before version 6)
     stain REAL,                         -- quality.py's stain colour (NULL: error, or stored before version 7)
+    recoloured TEXT,                    -- its second pass's recolouring: 'white balance' or a lab's name (NULL: none)
     UNIQUE (root, rel)
 );
 CREATE TABLE IF NOT EXISTS run_images (
@@ -113,8 +115,12 @@ MIGRATE_FROM_4 = "ALTER TABLE images ADD COLUMN recounted_at REAL"
 MIGRATE_FROM_5 = "ALTER TABLE images ADD COLUMN tint_red REAL; ALTER TABLE images ADD COLUMN tint_blue REAL"
 # Versions up to 6 -> 7: likewise without a stain colour.
 MIGRATE_FROM_6 = "ALTER TABLE images ADD COLUMN stain REAL"
-# An image row's measures (NULL where unmeasured): quality.py's, and the scale of its second pass.
-MEASURES = ("focus", "brightness", "recounted_at", "tint_red", "tint_blue", "stain")
+# Versions up to 7 -> 8: a field counted again with its colour cast off the labs' range was white-balanced.
+MIGRATE_FROM_7 = (f"ALTER TABLE images ADD COLUMN recoloured TEXT; UPDATE images SET recoloured = '{WHITE_BALANCE}' "
+                  f"WHERE recounted_at IS NOT NULL AND NOT (tint_red BETWEEN {MIN_TINT_RED} AND {MAX_TINT_RED} "
+                  f"AND tint_blue BETWEEN {MIN_TINT_BLUE} AND {MAX_TINT_BLUE})")
+# An image row's measures (NULL where unmeasured): quality.py's, and its second pass's scale and recolouring.
+MEASURES = ("focus", "brightness", "recounted_at", "tint_red", "tint_blue", "stain", "recoloured")
 
 
 class StoreError(sqlite3.DatabaseError):
@@ -159,6 +165,8 @@ class Store:
                 self._run_script(MIGRATE_FROM_5)
             if "stain" not in columns:
                 self._run_script(MIGRATE_FROM_6)
+            if "recoloured" not in columns:
+                self._run_script(MIGRATE_FROM_7)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _run_script(self, script: str) -> None:

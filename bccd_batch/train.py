@@ -23,6 +23,7 @@ from . import transforms as T
 from .cells import CLASSES
 from .datasets import Field, TrainingData
 from .progress import Progress
+from .quality import colour_reference
 from .model import (IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, indices_by_size, load_model,
                     set_inference_size)
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
@@ -162,7 +163,8 @@ def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     """The architecture and weights of a training checkpoint (its EMA where it has one, as
     last.pt does; best.pt holds the EMA already) or of a model folder such as engines/, and what
     a checkpoint records of its run (epoch, val metrics, training config, the count threshold
-    chosen for best.pt: None in checkpoints written without them; nothing for a folder)."""
+    chosen for best.pt and its training fields' colours: None in checkpoints written without them;
+    nothing for a folder)."""
     path = Path(path)
     if path.is_dir():
         model, card = load_model(path)
@@ -170,7 +172,7 @@ def checkpoint_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     ck = torch.load(path, map_location="cpu", weights_only=True)
     return (*_checkpoint_model(ck),
             {"epoch": ck.get("epoch"), "val": ck.get("val", {}), "config": json.loads(ck.get("train_config", "null")),
-             "count_threshold": json.loads(ck.get("count_threshold", "null"))})
+             "count_threshold": json.loads(ck.get("count_threshold", "null")), "colours": json.loads(ck.get("colours", "null"))})
 
 
 def _checkpoint_model(ck: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -378,7 +380,8 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
     first = next(iter(data.summary))
     # The first dataset's training fields (the most complete labels); all of them where it has none.
     reference = DetectionDataset([f for f in data.train if f.key.split("/", 1)[0] == first] or data.train, train=False)
-    chosen = choose_count_threshold_for(out_dir / "best.pt", reference, dev)
+    chosen = choose_count_threshold_for(out_dir / "best.pt", reference, dev,
+                                        colour_reference((f.source, f.pixels) for f in data.train))
     averaged = f" averaged over {', '.join(chosen['by_source'])}" if "by_source" in chosen else ""
     log(f"count thresholds {chosen['count']}: per-image count MAE {chosen['MAE']}{averaged} on {chosen['images']} "
         f"training fields of {first}")
@@ -394,15 +397,17 @@ def choose_count_thresholds(model, fields: DetectionDataset, device) -> dict:
     return choose_count_threshold(*labelled_predictions(model, fields, device), sources=fields.sources)
 
 
-def choose_count_threshold_for(checkpoint: Path, fields: DetectionDataset, device) -> dict:
-    """`choose_count_thresholds` for a checkpoint's weights, recorded in the checkpoint, where
-    export-weights finds them for the card."""
+def choose_count_threshold_for(checkpoint: Path, fields: DetectionDataset, device, colours: dict | None = None) -> dict:
+    """`choose_count_thresholds` for a checkpoint's weights, recorded in the checkpoint with the
+    training fields' `colours` (quality.colour_reference), where export-weights finds them for the card."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg, state = _checkpoint_model(ck)
     model = build_model(cfg)
     model.load_state_dict(state)
     chosen = choose_count_thresholds(model, fields, device)
     ck["count_threshold"] = json.dumps(chosen)
+    if colours is not None:
+        ck["colours"] = json.dumps(colours)
     tmp = checkpoint.with_suffix(".tmp")
     torch.save(ck, tmp)
     tmp.replace(checkpoint)

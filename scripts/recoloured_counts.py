@@ -89,12 +89,13 @@ def main(val: Path, labels: Path, model_dir: Path, n: int) -> None:
                 image = apply(pixels)
                 quality = measure_host(image)
                 dets = engine.infer([image])[0]
-                [(second, scale)] = count_again(engine, [image], [dets], [quality])
+                [(second, scale, recoloured)] = count_again(engine, [image], [dets], [quality])
                 counts = class_counts(second, threshold)
                 once.append([class_counts(dets, threshold)[c] for c in CLASSES])
                 again.append([counts[c] for c in CLASSES])
                 h, w = image.shape[:2]
-                flagged += bool(field_flags(counts, *quality, cell_size=rbc_size(second, cut, w, h), recounted_at=scale))
+                flagged += bool(field_flags(counts, *quality.measures, cell_size=rbc_size(second, cut, w, h), recounted_at=scale,
+                                            recoloured=recoloured))
             print(f"{source:13s} {change:34s}: once {_errors(once, expected)}; again {_errors(again, expected)}; "
                   f"{flagged} of {len(fields)} flagged", flush=True)
 

@@ -19,7 +19,7 @@ from test_pipeline import _slow_folder, _wait_for_rows, read_csv
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'bccd-batch[ray]')")
 
 FIELD_COLUMNS = ("rel, slide, size, mtime_ns, sha256, width, height, status, error, model_sha256, detections, focus, brightness,"
-                 " tint_red, tint_blue, stain, recounted_at")
+                 " tint_red, tint_blue, stain, recounted_at, recoloured")
 
 
 @pytest.fixture(scope="module")

@@ -385,11 +385,11 @@ def test_a_second_pass_out_of_gpu_memory_keeps_the_first_count():
     free, _ = torch.cuda.mem_get_info()
     hog = torch.empty(free - (64 << 20), dtype=torch.uint8, device="cuda")
     with pytest.warns(UserWarning, match=r"second pass at x[0-9.]+ failed \(.*memory.*its first count is kept"):
-        [(dets, scale)] = count_again(engine, [field], first, [None])
+        [(dets, scale, _)] = count_again(engine, [field], first, [None])
     del hog
     torch.cuda.empty_cache()     # give the memory back to the device: nvJPEG, in later tests, allocates outside torch
     assert dets is first[0] and scale is None
-    [(dets, scale)] = count_again(engine, [field], first, [None])
+    [(dets, scale, _)] = count_again(engine, [field], first, [None])
     assert dets is not first[0] and scale > 1.5
     summary(f"GPU OOM in a second pass at x{scale:g} on {torch.cuda.get_device_name()}: first count kept; "
             "with memory back, counted again")

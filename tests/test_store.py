@@ -106,6 +106,26 @@ def _v6_store(path):
     db.close()
 
 
+def _v7_store(path):
+    """Version 7: version 6 with each image's stain colour, not how its second pass recoloured it;
+    a/1.jpg counted again for its colour cast (white-balanced, as version 7 did), b/2.jpg for its size."""
+    _v6_store(path)
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE images ADD COLUMN stain REAL; PRAGMA user_version = 7;"
+                     " UPDATE images SET recounted_at = 1.0, tint_red = 0.31, tint_blue = -0.2 WHERE rel = 'a/1.jpg';"
+                     " UPDATE images SET recounted_at = 1.6, tint_red = 0.01, tint_blue = 0.05 WHERE rel = 'b/2.jpg';")
+    db.close()
+
+
+def test_a_version_7_store_says_its_fields_counted_again_for_a_colour_cast_were_white_balanced(tmp_path):
+    path = tmp_path / "s.sqlite"
+    _v7_store(path)
+    store = Store(path)
+    assert [(r["rel"], r["recounted_at"], r["recoloured"]) for r in store.run_images(1, ROOT)] == [
+        ("a/1.jpg", 1.0, "white balance"), ("b/2.jpg", 1.6, None), ("c/bad.jpg", None, None)]
+    assert _detections(store) == EXPECTED
+
+
 def _id_keyed_store(path, schema: str, packed: bool):
     """A version 2 store (detections one row each) or a version 3 one (`packed` into the image row)."""
     db = sqlite3.connect(path)
@@ -163,7 +183,7 @@ def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_
     # Fields measured before quality was: unmeasured, so not judged (quality.field_flags).
     assert [(r["focus"], r["brightness"]) for r in store.run_images(1, ROOT)] == [(None, None)] * 3
     assert [r["recounted_at"] for r in store.run_images(1, ROOT)] == [None] * 3     # all counted once
-    assert [(r["tint_red"], r["tint_blue"], r["stain"]) for r in store.run_images(1, ROOT)] == [(None, None, None)] * 3
+    assert [(r["tint_red"], r["tint_blue"], r["stain"], r["recoloured"]) for r in store.run_images(1, ROOT)] == [(None,) * 4] * 3
     old_tables = "SELECT name FROM sqlite_master WHERE name LIKE '%v0%' OR name LIKE 'detections%'"
     assert store.db.execute(old_tables).fetchall() == []
     store.close()
@@ -176,11 +196,11 @@ def test_an_earlier_store_migrates_with_every_image_and_detection(tmp_path, old_
                                        "width": 640, "height": 480, "model_sha256": "m2",
                                        "detections": pack_detections([("RBC", 0.5, 0, 0, 9, 9)]),
                                        "focus": 21.5, "brightness": 182.25, "recounted_at": 1.8,
-                                       "tint_red": 0.31, "tint_blue": -0.2, "stain": 0.18}])
+                                       "tint_red": 0.31, "tint_blue": -0.2, "stain": 0.18, "recoloured": "PBC"}])
     again = store.image(ROOT, "a/1.jpg")
     assert again["id"] == ids[0] and again["sha256"] == "h2"
     assert (again["focus"], again["brightness"], again["recounted_at"]) == (21.5, 182.25, 1.8)
-    assert (again["tint_red"], again["tint_blue"], again["stain"]) == (0.31, -0.2, 0.18)
+    assert (again["tint_red"], again["tint_blue"], again["stain"], again["recoloured"]) == (0.31, -0.2, 0.18, "PBC")
     assert unpack_detections(again["detections"]) == [("RBC", 0.5, 0, 0, 9, 9)]
     assert [(r["rel"], r["outcome"]) for r in store.run_images(2, ROOT)] == [("a/1.jpg", "new")]
     store.close()

@@ -174,6 +174,10 @@ def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, two):
     assert not torch.equal(start.state_dict()[name], tuned["module." + name])
     torch.testing.assert_close(soup.state_dict()[name], mean.half().float())
     assert card["training"]["averaged_weights_of"] == [str(MODEL), str(tmp_path / "run" / "last.pt")]
+    # The runs averaged may have seen other fields: no training colours; a folder re-exported keeps its own.
+    assert "colours" not in card
+    export_weights([MODEL], tmp_path / "again", data="two", train_split="two", val_split=None)
+    assert read_card(tmp_path / "again")["colours"] == read_card(MODEL)["colours"]
 
     other = tmp_path / "other"
     train(two, other, TrainConfig(epochs=1, batch_size=2, workers=0, amp=False),
@@ -215,4 +219,7 @@ def test_two_datasets_train_with_val_figures_per_source(tmp_path, bccd):
     chosen = json.loads(torch.load(tmp_path / "run" / "best.pt", weights_only=True)["count_threshold"])
     assert {s: r["images"] for s, r in chosen["by_source"].items()} == {"txl_pbc/BCCD": 1, "txl_pbc/PBC": 1}
     export_weights([tmp_path / "run" / "best.pt"], tmp_path / "model", data="txl_pbc", train_split="t.txt", val_split="v.txt")
-    assert "averaged over the fields' sources with each weighing the same" in read_card(tmp_path / "model")["threshold_choice"]["count"]
+    card = read_card(tmp_path / "model")
+    assert "averaged over the fields' sources with each weighing the same" in card["threshold_choice"]["count"]
+    # The colours `run`'s second pass compares fields with: every training field's, per source.
+    assert {s: c["fields"] for s, c in card["colours"].items()} == {"bccd": 1, "txl_pbc/BCCD": 1, "txl_pbc/PBC": 1}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -65,29 +65,39 @@ def submit(engine: Engine, images: list[np.ndarray]) -> Callable[[], list[list[t
     return lambda: dets
 
 
-def count_again(engine: Engine, fields: list, dets: list[list[tuple]],
-                qualities: list[Quality | None]) -> list[tuple[list[tuple], float | None]]:
-    """Each field's detections, and the scale it was counted at again (None: not). A field unlike the
-    training labs' (`quality.second_pass`: its RBCs' size, another magnification; its background's
-    colour cast, another lamp or camera) is inferred again by the eager model, resized so that its
-    RBCs measure the training size and white-balanced to a grey background, and its detections are
-    then that second pass's. A second pass that fails (out of memory: at x2 a field is four times
-    the pixels) keeps the first pass's detections, with a warning; such a field is still flagged."""
+class Counted(NamedTuple):
+    """A field's detections, the scale it was counted again at (None: it was not) and how it was
+    recoloured for that (`quality.SecondPass.recoloured`)."""
+    dets: list[tuple]
+    scale: float | None = None
+    recoloured: str | None = None
+
+
+def count_again(engine: Engine, fields: list, dets: list[list[tuple]], qualities: list[Quality | None]) -> list[Counted]:
+    """Each field's detections, counted again where it is unlike the training labs' (`quality.second_pass`:
+    its RBCs' size, another magnification; its stain or its background's colour cast, another lab,
+    lamp or camera): inferred again by the eager model resized so that its RBCs measure the training
+    size and recoloured, and its detections are then that second pass's. A second pass that fails (out
+    of memory: at x2 a field is four times the pixels) keeps the first pass's detections, with a
+    warning; such a field is still flagged."""
     cut = class_threshold(engine.card["thresholds"]["count"], "RBC")
+    colours = engine.card.get("colours")
     out = []
     for field, d, q in zip(fields, dets, qualities):
         h, w = field_hw(field)
-        again = second_pass(rbc_size(d, cut, w, h), *((q.tint_red, q.tint_blue) if q else (None, None)))
-        scale = None
-        if again is not None:
-            from ..model import detect_again     # torch: only where a field is counted again
+        again = second_pass(field, rbc_size(d, cut, w, h), q, colours)
+        if again is None:
+            out.append(Counted(d))
+            continue
+        from ..model import detect_again     # torch: only where a field is counted again
 
-            try:
-                d, scale = detect_again(engine.model, field, engine.device, *again), again[0]
-            except RuntimeError as e:      # torch's out-of-memory errors, CUDA's and the CPU allocator's
-                warnings.warn(f"a {w}x{h} field's second pass at x{again[0]:g} failed ({str(e).splitlines()[0][:200]}): "
-                              "its first count is kept")
-        out.append((d, scale))
+        try:
+            out.append(Counted(detect_again(engine.model, field, engine.device, again.scale, again.gains, again.offsets),
+                               again.scale, again.recoloured))
+        except RuntimeError as e:      # torch's out-of-memory errors, CUDA's and the CPU allocator's
+            warnings.warn(f"a {w}x{h} field's second pass at x{again.scale:g} failed ({str(e).splitlines()[0][:200]}): "
+                          "its first count is kept")
+            out.append(Counted(d))
     return out
 
 
