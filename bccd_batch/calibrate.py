@@ -54,17 +54,20 @@ def _rounded(errors: dict[str, dict]) -> dict[str, dict]:
 
 def calibrate(labels: Path, model_dir: Path, out: Path, device: str = "cpu", log=print) -> dict:
     """Write OUT (the weights and a card) with each class's count threshold chosen on every labelled
-    field of `labels`, where that choice counted better on fields it had not seen (cross-validated);
-    the model's own threshold elsewhere. Returns the card's `calibration` record."""
-    from .datasets import load_training_data
+    field of `labels` (on the detections `run` counts, second pass included), where that choice counted
+    better on fields it had not seen (cross-validated); the model's own threshold elsewhere. Returns the
+    card's `calibration` record."""
+    from .backends import count_again
+    from .backends.torch_eager import TorchEngine
     from .card import CARD_NAME
-    from .model import load_model
-    from .train import DetectionDataset, labelled_predictions
+    from .datasets import load_training_data
+    from .quality import measure_host
 
     model_dir, out = Path(model_dir), Path(out)
     if out.resolve() == model_dir.resolve():
         raise ValueError(f"--out {out} is the model calibrated from: give a new folder, the model stays as it is")
-    model, card = load_model(model_dir)
+    engine = TorchEngine(model_dir, device)
+    card = engine.card
     # Every field goes to the choice: no val list, no val fraction (a lab labels a handful).
     fields = load_training_data([labels], val_split="", val_fraction=0.0, log=lambda m: None)
     for s in fields.summary.values():
@@ -76,7 +79,12 @@ def calibrate(labels: Path, model_dir: Path, out: Path, device: str = "cpu", log
     if len(fields.train) < FEW_FIELDS:
         log(f"warning: only {len(fields.train)} labelled fields; thresholds chosen on fewer than {FEW_FIELDS} vary from one "
             "handful of fields to the next")
-    gt, preds = labelled_predictions(model.to(device), DetectionDataset(fields.train, train=False), device)
+    # The detections `run` counts: a field unlike the training labs' (another stain, size or lamp: a new
+    # lab's, often) after its second pass, so the thresholds fit what the lab's runs will count.
+    pixels = [f.pixels for f in fields.train]
+    again = count_again(engine, pixels, engine.infer(pixels), [measure_host(p) for p in pixels])
+    gt = {f.key: f.record for f in fields.train}
+    preds = {f.key: c.dets for f, c in zip(fields.train, again)}
     before_thresholds = card["thresholds"]["count"]
     before = _rounded(_class_errors(gt, preds, before_thresholds))
     chosen = choose_count_threshold(gt, preds, prefer=before_thresholds)["count"]

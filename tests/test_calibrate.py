@@ -61,6 +61,39 @@ def test_calibrated_thresholds_count_as_the_lab_labels(tmp_path, slides):
     assert json.loads((out / "latest" / "run.json").read_text())["model"]["calibrated_on"] == {"labels": str(lab), "fields": len(lines)}
 
 
+def test_a_lab_of_another_stain_is_calibrated_on_the_detections_run_counts(tmp_path, bccd):
+    """Four completely labelled BCCD fields as a paler stain shows them: `run` counts them after its
+    second pass (given BCCD's colours), and `calibrate` must judge the model's thresholds on those
+    detections, not on the first pass's, which miss platelets."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from bccd_batch.decode import decode_file
+    from bccd_batch.transforms import restain
+
+    txl = bccd.parent / "txl_pbc"
+    lab = tmp_path / "lab"
+    (lab / "images").mkdir(parents=True)
+    (lab / "labels").mkdir()
+    shutil.copy(txl / "classes.txt", lab / "classes.txt")
+    bccd_fields = [r["file"] for r in csv.DictReader(open(txl / "sources.csv", newline="")) if r["source"] == "BCCD"][:4]
+    for name in bccd_fields:
+        field = torch.from_numpy(decode_file(txl / "images" / name)).permute(2, 0, 1)
+        pale = restain(field, (0.5, 0.5, 0.5)).permute(1, 2, 0).numpy()
+        stem = name.rsplit(".", 1)[0]
+        Image.fromarray(np.ascontiguousarray(pale)).save(lab / "images" / f"{stem}.jpg", quality=95)
+        shutil.copy(txl / "labels" / f"{stem}.txt", lab / "labels" / f"{stem}.txt")
+    out = tmp_path / "out"
+    cli("run", lab / "images", "--labels", lab, "--out", out, "--device", "cpu", check_rc=0)
+    assert {r["recoloured"] for r in csv.DictReader(open(out / "latest" / "counts.csv", newline=""))} == {"txl_pbc/BCCD"}
+    counted = json.loads((out / "latest" / "metrics.json").read_text())["counting"]["per_class"]
+    cli("calibrate", lab, "--out", tmp_path / "ours", check_rc=0)
+    before = json.loads((tmp_path / "ours" / "model.json").read_text())["calibration"]["before"]
+    for c in ("RBC", "WBC", "Platelets"):
+        assert before[c] == {"MAE": round(counted[c]["MAE"], 3), "bias": round(counted[c]["mean_signed_error"], 3)}, (c, before, counted)
+
+
 def test_calibrate_refuses_to_overwrite_the_model_it_starts_from(tmp_path, slides):
     model = tmp_path / "model"
     shutil.copytree(MODEL, model, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
