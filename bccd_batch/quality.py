@@ -205,9 +205,10 @@ def measure_device(fields: list[torch.Tensor]) -> Callable[[], list[Quality]]:
     return collect
 
 
-def contrast(levels: tuple[float, ...]) -> np.ndarray:
-    """The stained cells' red, green and blue optical densities over the background's, from `levels`."""
-    return _od(np.array(levels[3:])) - _od(np.array(levels[:3]))
+def contrast(levels: tuple[float, ...]) -> tuple[float, float, float]:
+    """The stained cells' red, green and blue optical densities over the background's, from `levels`
+    (`_od`'s difference, in plain floats: every field of a run passes here)."""
+    return tuple(math.log((background + 1) / (stained + 1)) for background, stained in zip(levels[:3], levels[3:]))
 
 
 def channel_spread(field) -> tuple[list[float], list[float]]:
@@ -242,13 +243,13 @@ def unlike_stain(levels: tuple[float, ...] | None, colours: dict[str, dict] | No
     if levels is None or not colours:
         return None
     x = contrast(levels)
-    if x.max() < MIN_CONTRAST:
+    if max(x) < MIN_CONTRAST:
         return None
     outside = {}       # lab -> how far outside its range: in optical density, and in ranges
     for lab, ref in colours.items():
-        low, high = np.array(ref["contrast_low"]), np.array(ref["contrast_high"])
-        by = np.maximum(low - x, x - high)
-        outside[lab] = (float(by.max()), float((by / np.maximum(high - low, 1e-3)).max()))
+        bounds = list(zip(x, ref["contrast_low"], ref["contrast_high"]))
+        by = [max(low - v, v - high) for v, low, high in bounds]
+        outside[lab] = (max(by), max(b / max(high - low, 1e-3) for b, (_, low, high) in zip(by, bounds)))
     if min(share for _, share in outside.values()) <= COLOUR_MARGIN:
         return None
     # Nearest in density, not in ranges: a paler stain than the paler lab's is that lab's, however
