@@ -9,6 +9,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -164,6 +165,13 @@ def _device_worker(device: str, opts: RunOptions, tasks, next_chunk, results, ha
         send(("error", device, str(e), True))
     except BaseException:
         send(("error", device, traceback.format_exc(limit=8), False))
+    # Everything is sent: flush it, then leave without the interpreter's teardown, which with torch
+    # loaded takes ~0.9 s on the 2-core CPU machine, added to every run's end as the parent joins us.
+    results.close()
+    results.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _write_work_list(path: Path, files: list[ImageFile], known: dict, chunk_size: int) -> list[int]:
