@@ -252,25 +252,33 @@ def _sigterm_after_two_rows(slides, out, n, *extra):
     return partial
 
 
-@pytest.mark.slow
-def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, bccd):
-    slides = _slow_folder(tmp_path, bccd, 10)
-    ref_out, out = tmp_path / "ref", tmp_path / "out"
-    cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, bccd) -> tuple:
+    """(slides, results) of an uninterrupted run over 12 fields: what interrupted runs must end equal to."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    slides = _slow_folder(root, bccd, 12)
+    cli("run", slides, "--out", root / "out", "--device", "cpu", check_rc=0)
+    return slides, root / "out"
 
-    partial = _sigterm_after_two_rows(slides, out, 10)
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
+    slides, ref_out = uninterrupted
+    out = tmp_path / "out"
+    partial = _sigterm_after_two_rows(slides, out, 12)
 
     cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
     final = json.loads((out / "latest" / "run.json").read_text())
-    assert final["images"]["new"] + partial["images"]["new"] == 10
+    assert final["images"]["new"] + partial["images"]["new"] == 12
     for name in ["detections.csv", "counts.csv", "slides.csv", "errors.csv"]:
         assert read_csv(out / "latest" / name) == read_csv(ref_out / "latest" / name), name
 
 
 @pytest.mark.slow
 def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, bccd):
-    # 24 fields at batch 1 keep the first run busy for well over the second one's start-up.
-    slides = _slow_folder(tmp_path, bccd, 24)
+    # 8 fields at batch 1 keep the first run busy for seconds after its first is stored; the second
+    # run is refused at the lock, before it starts any worker.
+    slides = _slow_folder(tmp_path, bccd, 8)
     out = tmp_path / "out"
     first = _start(slides, out)
     _wait_for_rows(out, 1, first)
@@ -283,7 +291,7 @@ def test_second_concurrent_run_exits_75_and_lock_recovers_after_kill(tmp_path, b
     cli("run", slides, "--out", out, "--device", "cpu", check_rc=0)
     db = sqlite3.connect(out / "bccd-batch.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 24
+    assert db.execute("SELECT COUNT(*) FROM images WHERE status='ok'").fetchone()[0] == 8
 
 
 @pytest.mark.slow
@@ -342,13 +350,11 @@ def _alive(pid):
 
 
 @pytest.mark.slow
-def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, bccd):
+def test_device_workers_on_sigterm_and_when_the_parent_is_killed(tmp_path, uninterrupted):
     """With worker processes: SIGTERM stores what the workers have in flight and exits 143; a
     SIGKILLed parent leaves no worker behind; reruns then equal an uninterrupted run."""
-    slides = _slow_folder(tmp_path, bccd, 12)
-    ref_out, out = tmp_path / "ref", tmp_path / "out"
-    cli("run", slides, "--out", ref_out, "--device", "cpu", check_rc=0)
-
+    slides, ref_out = uninterrupted
+    out = tmp_path / "out"
     partial = _sigterm_after_two_rows(slides, out, 12, "--devices", "cpu,cpu")
 
     proc = _start(slides, out, "--devices", "cpu,cpu")

@@ -2,6 +2,7 @@
 writes must load back both as a training checkpoint and as an exported model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -22,10 +23,23 @@ def _splits(tmp_path, val: str = "") -> tuple:
     return tmp_path / "two.txt", tmp_path / "val.txt"
 
 
-@pytest.fixture
-def two(tmp_path, bccd):
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, bccd):
     """Two BCCD training fields and no val fields, as `train` reads them."""
-    return load_training_data([bccd], *map(str, _splits(tmp_path)), log=lambda m: None)
+    return load_training_data([bccd], *map(str, _splits(tmp_path_factory.mktemp("two"))), log=lambda m: None)
+
+
+FINE_TUNE = TrainConfig(epochs=2, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
+
+
+@pytest.fixture(scope="module")
+def fine_tune(tmp_path_factory, two) -> tuple:
+    """(run folder, summary) of a two-epoch fine-tune of the shipped model on `two` stopped after its
+    first step (= epoch): what --init, --resume and export-weights are tested on, trained once."""
+    out = tmp_path_factory.mktemp("fine-tune")
+    summary = train(two, out, FINE_TUNE, ModelConfig(), "cpu", init=MODEL, max_steps=1, log=lambda m: None)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    return out, summary
 
 
 @pytest.mark.slow
@@ -121,16 +135,14 @@ def _knows_cells(step: dict) -> bool:
     return step["loss_objectness"] + step["loss_classifier"] < 0.5
 
 
-def test_init_starts_from_a_model_folder(tmp_path, two):
+def test_init_starts_from_a_model_folder(tmp_path, fine_tune):
     """--init: the shipped model's weights and architecture start the run, so its very first step
     already finds the cells."""
-    cfg = TrainConfig(epochs=1, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
-    summary = train(two, tmp_path / "run", cfg, ModelConfig(), "cpu",
-                    init=MODEL, log=lambda m: None)
+    run, summary = fine_tune
     assert _knows_cells(summary["history"][0]), summary["history"]
-    saved = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_config"])
+    saved = json.loads(torch.load(run / "last.pt", weights_only=True)["model_config"])
     assert ModelConfig.from_dict(saved) == ModelConfig.from_dict(read_card(MODEL)["architecture"])
-    export_weights([tmp_path / "run" / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
+    export_weights([run / "last.pt"], tmp_path / "model", data="two", train_split="two", val_split=None)
     card = read_card(tmp_path / "model")
     training = card["training"]
     assert training["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
@@ -139,15 +151,12 @@ def test_init_starts_from_a_model_folder(tmp_path, two):
 
 
 @pytest.mark.slow
-def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, two):
+def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, two, fine_tune):
     """--resume: a run stopped after its first epoch goes on to the end of its schedule from last.pt,
     and still says what it started from."""
-    cfg = TrainConfig(epochs=2, batch_size=2, lr=0.001, warmup_iters=1, workers=0, eval_every=8, amp=False)
-    train(two, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
-          max_steps=1, log=lambda m: None)
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    shutil.copytree(fine_tune[0], tmp_path / "run")      # the shared run stays as the other tests read it
     logged = []
-    summary = train(two, tmp_path / "run", cfg, ModelConfig(), "cpu",
+    summary = train(two, tmp_path / "run", FINE_TUNE, ModelConfig(), "cpu",
                     resume=tmp_path / "run" / "last.pt", log=logged.append)
     assert any("resumed from" in m and "epoch 1, step 1" in m for m in logged), logged
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["steps"] == 2
@@ -156,24 +165,22 @@ def test_resume_continues_the_run_where_its_last_checkpoint_left_it(tmp_path, tw
     assert read_card(tmp_path / "model")["training"]["config"]["init"]["sha256"] == read_card(MODEL)["weights"]["sha256"]
 
 
-def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, two):
+def test_export_averages_runs_fine_tuned_from_one_model(tmp_path, two, fine_tune):
     """export-weights with several ingredients writes their mean (a model soup) and refuses
     ingredients of different architectures."""
     import typer
 
-    cfg = TrainConfig(epochs=1, batch_size=2, lr=0.01, warmup_iters=1, workers=0, eval_every=8, amp=False)
-    train(two, tmp_path / "run", cfg, ModelConfig(), "cpu", init=MODEL,
-          log=lambda m: None)
-    export_weights([MODEL, tmp_path / "run" / "last.pt"], tmp_path / "soup", data="two", train_split="two", val_split=None)
+    tuned_run = fine_tune[0] / "last.pt"
+    export_weights([MODEL, tuned_run], tmp_path / "soup", data="two", train_split="two", val_split=None)
 
     start, _ = load_model(MODEL)
-    tuned = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
+    tuned = torch.load(tuned_run, weights_only=True)["ema"]
     soup, card = load_model(tmp_path / "soup")
     name = "roi_heads.box_predictor.cls_score.weight"   # a matrix: stored in fp16
     mean = (start.state_dict()[name] + tuned["module." + name]) / 2
     assert not torch.equal(start.state_dict()[name], tuned["module." + name])
     torch.testing.assert_close(soup.state_dict()[name], mean.half().float())
-    assert card["training"]["averaged_weights_of"] == [str(MODEL), str(tmp_path / "run" / "last.pt")]
+    assert card["training"]["averaged_weights_of"] == [str(MODEL), str(tuned_run)]
     # The runs averaged may have seen other fields: no training colours; a folder re-exported keeps its own.
     assert "colours" not in card
     export_weights([MODEL], tmp_path / "again", data="two", train_split="two", val_split=None)
