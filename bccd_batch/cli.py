@@ -36,6 +36,18 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def cascade_thresholds(spec: str) -> tuple[float, ...]:
+    """`train --cascade`: the later box heads' IoU thresholds, comma-separated; 'none' or nothing: one head."""
+    try:
+        ious = tuple(float(t) for t in spec.split(",")) if spec.lower() not in ("none", "") else ()
+        valid = all(0 < t < 1 for t in ious)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {spec!r}")
+    return ious
+
+
 def _one_device(spec: str) -> str:
     """A one-device command's --device, parsed as `run` parses it (a GPU asked for where there is none:
     the CPU, said once), before any work, so a typo costs nothing."""
@@ -103,22 +115,11 @@ def train(
     """Train the Faster R-CNN from scratch (AMP on CUDA) on one or more datasets, keeping the best
     checkpoint by val AP averaged over the val sources, and choose its per-class count thresholds on
     the first dataset's training fields by per-image count error, each of its sources weighing the same."""
-    import torch
-
     from .datasets import PSEUDO_USES, load_training_data
     from .labels import LabelError
-    from .model import BACKBONES, ModelConfig
-    from .train import TrainConfig, train as run_training
 
-    try:
-        cascade_ious = tuple(float(t) for t in cascade.split(",")) if cascade.lower() not in ("none", "") else ()
-        valid = all(0 < t < 1 for t in cascade_ious)
-    except ValueError:
-        valid = False
-    if not valid:
-        raise _fail(f"--cascade takes IoU thresholds between 0 and 1 separated by commas, not {cascade!r}")
-    if backbone not in BACKBONES:
-        raise _fail(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
+    # Options checked before torch is imported (~4 s on a 2-core CPU machine): a typo costs nothing.
+    cascade_ious = cascade_thresholds(cascade)
     if pseudo_labels not in PSEUDO_USES:
         raise _fail(f"--pseudo-labels must be one of {', '.join(PSEUDO_USES)}, not {pseudo_labels!r}")
     # The network --init or --resume load is the one their weights were trained as: an architecture
@@ -128,6 +129,14 @@ def train(
     if given and (init or resume):
         raise _fail(f"--{'init' if init else 'resume'} trains its weights' own network, so {', '.join(given)} "
                     f"would be ignored: leave {'it' if len(given) == 1 else 'them'} out")
+
+    import torch
+
+    from .model import BACKBONES, ModelConfig
+    from .train import TrainConfig, train as run_training
+
+    if backbone not in BACKBONES:
+        raise _fail(f"--backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
