@@ -225,7 +225,7 @@ def export_weights(
     """Write fp16 safetensors weights and a model card from a training checkpoint, or from the
     average of several runs fine-tuned from one model (`train --init`)."""
     from .card import ModelError, read_card
-    from .model import build_model, save_model
+    from .model import model_with_weights, save_model
     from .train import averaged_weights, checkpoint_weights
 
     one_checkpoint = len(checkpoints) == 1 and checkpoints[0].is_file()
@@ -241,8 +241,7 @@ def export_weights(
             training = folder_card["training"]
     except (ModelError, ValueError, OSError) as e:
         raise _fail(str(e))
-    model = build_model(cfg)
-    model.load_state_dict(state)
+    model = model_with_weights(cfg, state)
     if one_checkpoint:
         hist_path = checkpoints[0].parent / "history.json"
         history = json.loads(hist_path.read_text()) if hist_path.is_file() else None

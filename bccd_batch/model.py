@@ -391,6 +391,19 @@ def detections_to_tuples(d: dict[str, torch.Tensor]) -> list[tuple]:
     return arrays_to_tuples(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy(), d["labels"].cpu().numpy())
 
 
+def model_with_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> FasterRCNN:
+    """The network of `cfg` (on the CPU) holding the weights `state`, every one of them."""
+    # Built on the meta device and given empty storage: the random initialisation, which the weights
+    # overwrite, took 0.26-0.30 s of every worker's start on the 2-core CPU machine.
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"weights do not fit the card's architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
 def load_model(model_dir: Path) -> tuple[FasterRCNN, dict[str, Any]]:
     """Build the network from the card and load its weights after checking their sha256."""
     from safetensors.torch import load_file
@@ -409,15 +422,8 @@ def load_model(model_dir: Path) -> tuple[FasterRCNN, dict[str, Any]]:
             f"{card['weights']['sha256'][:16]}…: refusing to load"
         )
     cfg = ModelConfig.from_dict(card["architecture"])
-    # Built on the meta device and given empty storage: the random initialisation, which the weights
-    # overwrite, took 0.26-0.30 s of every worker's start on the 2-core CPU machine.
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.to_empty(device="cpu")
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights_path).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelError(f"weights do not fit the card's architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model = model_with_weights(cfg, state)
     model.eval()
     set_inference_size(model, cfg)
     return model, card

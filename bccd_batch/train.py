@@ -25,7 +25,7 @@ from .datasets import Field, TrainingData
 from .progress import Progress
 from .quality import colour_reference
 from .model import (IGNORE_LABEL, ModelConfig, build_model, detections_to_tuples, indices_by_size, load_model,
-                    set_inference_size)
+                    model_with_weights, set_inference_size)
 from .score import COCOEvaluator, choose_count_threshold, evaluate_all
 
 
@@ -402,8 +402,7 @@ def choose_count_threshold_for(checkpoint: Path, fields: DetectionDataset, devic
     training fields' `colours` (quality.colour_reference), where export-weights finds them for the card."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg, state = _checkpoint_model(ck)
-    model = build_model(cfg)
-    model.load_state_dict(state)
+    model = model_with_weights(cfg, state)
     chosen = choose_count_thresholds(model, fields, device)
     ck["count_threshold"] = json.dumps(chosen)
     if colours is not None:
