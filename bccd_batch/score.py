@@ -71,6 +71,9 @@ class COCOEvaluator:
             at50 = precision[0, :, k, 0, -1]
             per_class[cls] = {
                 **_ap_ap50(precision[:, :, k, 0, -1]),
+                # AP at each IoU threshold 0.50, 0.55 ... 0.95: finding cells (the first) against
+                # placing their box edges where the labels do (the last).
+                "AP_by_iou": [round(_mean_valid(p), 4) for p in precision[:, :, k, 0, -1]],
                 # Recall points 0..1 step 0.01 at IoU 0.5: the PR curve the report draws.
                 "pr50": [round(float(p), 4) for p in at50],
                 "n_gt": sum(1 for a in self._anns if a["category_id"] == k + 1),

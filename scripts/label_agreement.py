@@ -1,7 +1,9 @@
 """How closely two labellings of the same BCCD fields agree (BCCD's XML and TXL-PBC's complete labels),
 and what that disagreement leaves for any detector scored against one of them.
 
-Usage: python scripts/label_agreement.py [TXL_PBC] [BCCD]   (defaults: ../shared/data/txl_pbc, ../shared/data/bccd)
+Usage: python scripts/label_agreement.py [TXL_PBC] [BCCD] [METRICS]
+(defaults: ../shared/data/txl_pbc, ../shared/data/bccd; METRICS: the metrics.json of a run over TXL-PBC's
+BCCD fields scored against TXL-PBC's labels, e.g. `bccd-batch run VAL/bccd_complete --labels TXL_PBC`)
 
 Each XML box is matched to the same-class TXL-PBC box of highest IoU (>= 0.5, each used once). Printed per
 class: matched pairs, their median IoU, each side's median offset (TXL-PBC minus XML, px) and median
@@ -10,10 +12,12 @@ errors: with sigma px from that deviation (the two labellings' difference) it re
 median IoU; a detector that finds every cell's true box, scored against labels whose own error is sigma /
 sqrt(2) (both labellings equally noisy) or sigma / 2 (TXL-PBC's a quarter of the difference's variance),
 matches at IoU >= t the printed share of cells, averaged over t = 0.50, 0.55, ..., 0.95: the most COCO AP
-it can score against them.
+it can score against them. With METRICS, each class's line per IoU threshold: the run's AP, then the
+share of true boxes matched in either case.
 """
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -57,7 +61,8 @@ def simulated_ious(w: float, h: float, sigma: float, n: int = 200_000, seed: int
     return inter / (w * h + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter)
 
 
-def main(txl: Path, bccd: Path) -> None:
+def main(txl: Path, bccd: Path, metrics: Path | None) -> None:
+    per_class = json.loads(metrics.read_text())["coco"]["per_class"] if metrics else None
     for cls, rows in matched_pairs(txl, bccd).items():
         a = np.array(rows)
         offsets = np.median(a[:, 1:5], 0)
@@ -67,13 +72,21 @@ def main(txl: Path, bccd: Path) -> None:
         print(f"{cls}: {len(a)} pairs, median IoU {np.median(a[:, 0]):.3f}; side offsets (x0 y0 x1 y1) {offsets.round(1)} px, "
               f"deviation {mad.round(1)} px; box {w:.0f} x {h:.0f} px")
         print(f"  simulated difference of sigma {sigma:.2f} px: median IoU {np.median(simulated_ious(w, h, sigma)):.3f}")
+        shares = {}
         for share, label in ((2 ** -0.5, "equally noisy"), (0.5, "TXL-PBC a quarter of the variance")):
             ious = simulated_ious(w, h, sigma * share)
+            shares[label] = [(ious >= t).mean() for t in THRESHOLDS]
             print(f"  true boxes against labels {label}: median IoU {np.median(ious):.3f}, "
-                  f"matched share over IoU 0.50:0.95 {np.mean([(ious >= t).mean() for t in THRESHOLDS]):.3f}")
+                  f"matched share over IoU 0.50:0.95 {np.mean(shares[label]):.3f}")
+        if per_class:
+            print("  IoU threshold      " + " ".join(f"{t:5.2f}" for t in THRESHOLDS))
+            print("  the run's AP       " + " ".join(f"{a:5.3f}" for a in per_class[cls]["AP_by_iou"]))
+            for label, row in shares.items():
+                print(f"  {label[:18]:18s} " + " ".join(f"{a:5.3f}" for a in row))
 
 
 if __name__ == "__main__":
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
     args = sys.argv[1:]
-    main(Path(args[0]) if args else data / "txl_pbc", Path(args[1]) if len(args) > 1 else data / "bccd")
+    main(Path(args[0]) if args else data / "txl_pbc", Path(args[1]) if len(args) > 1 else data / "bccd",
+         Path(args[2]) if len(args) > 2 else None)

@@ -29,6 +29,7 @@ def test_shifted_box_iou_decides_the_threshold():
     # IoU thresholds 0.50-0.60 (3 of 10): both RBCs found, AP 1. At 0.65-0.95: recall stops at 0.5
     # with precision 1, so 51 of COCO's 101 recall points have precision 1.
     assert rbc["AP"] == pytest.approx((3 * 1.0 + 7 * 51 / 101) / 10)
+    assert rbc["AP_by_iou"] == pytest.approx([1.0] * 3 + [round(51 / 101, 4)] * 7)
 
 
 def test_class_without_ground_truth_is_minus_one_and_count_errors_are_signed():
