@@ -68,14 +68,14 @@ class COCOEvaluator:
         precision = ev.eval["precision"]
         per_class = {}
         for k, cls in enumerate(CLASSES):
-            at50 = precision[0, :, k, 0, -1]
+            curves = precision[:, :, k, 0, -1]      # [IoU thresholds, recall points]
             per_class[cls] = {
-                **_ap_ap50(precision[:, :, k, 0, -1]),
+                **_ap_ap50(curves),
                 # AP at each IoU threshold 0.50, 0.55 ... 0.95: finding cells (the first) against
                 # placing their box edges where the labels do (the last).
-                "AP_by_iou": [round(_mean_valid(p), 4) for p in precision[:, :, k, 0, -1]],
+                "AP_by_iou": [round(_mean_valid(c), 4) for c in curves],
                 # Recall points 0..1 step 0.01 at IoU 0.5: the PR curve the report draws.
-                "pr50": [round(float(p), 4) for p in at50],
+                "pr50": [round(float(p), 4) for p in curves[0]],
                 "n_gt": sum(1 for a in self._anns if a["category_id"] == k + 1),
             }
         out = {"stats": {n: float(v) for n, v in zip(COCO_STAT_NAMES, ev.stats)},
