@@ -238,19 +238,19 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         # The checkpoint's architecture wins: resuming with other --backbone/--input-size flags
         # would otherwise fail to load, or train a different network than the one saved.
         model_cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
-    init_state, init_record = None, None
-    if init is not None and ck is None:
-        start, card = load_model(init)
-        model_cfg, init_state = ModelConfig.from_dict(card["architecture"]), start.state_dict()
+    if ck is not None:
+        model = model_with_weights(model_cfg, ck["model"])
+        # A resumed run started from whatever its first part started from.
+        init_record = json.loads(ck.get("train_config", "{}")).get("init")
+    elif init is not None:
+        model, card = load_model(init)
+        model_cfg = ModelConfig.from_dict(card["architecture"])
         init_record = {"model": str(init), "name": card.get("name"), "sha256": card["weights"]["sha256"],
                        "from_scratch": card.get("training", {}).get("from_scratch")}
         log(f"starting from the weights in {init}")
-    elif ck is not None:
-        # A resumed run started from whatever its first part started from.
-        init_record = json.loads(ck.get("train_config", "{}")).get("init")
-    model = build_model(model_cfg).to(dev)
-    if init_state is not None:
-        model.load_state_dict(init_state)
+    else:
+        model, init_record = build_model(model_cfg), None
+    model = model.to(dev)
     if cfg.channels_last and dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -271,7 +271,6 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
     total_steps = cfg.epochs * steps_per_epoch
     start_epoch, step, best_ap, history, bad_steps = 0, 0, -1.0, [], 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, step, best_ap, history = ck["epoch"], ck["step"], ck["best_ap"], json.loads(ck["history"])
