@@ -40,13 +40,14 @@ def _ray_cli(address, *args, **kw):
 
 
 @pytest.mark.slow
-def test_ray_executor_writes_what_the_local_one_does_and_records_bad_files(ray_address, slides, tmp_path):
+def test_ray_executor_writes_what_the_local_one_does_and_records_bad_files(ray_address, slides, tmp_path, small_model):
+    """The executor is under test, so the small model infers (each field's 100 detections compared)."""
     (slides / "slide-B" / "broken.jpg").write_bytes(b"not a jpeg")
     good = next((slides / "slide-A").glob("*.jpg")).read_bytes()
     (slides / "slide-B" / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    local, remote = tmp_path / "local", tmp_path / "ray"
-    cli("run", slides, "--out", local, "--device", "cpu", check_rc=3)
-    p = _ray_cli(ray_address, "run", slides, "--out", remote, "--device", "cpu", check_rc=3)
+    local, remote, model = tmp_path / "local", tmp_path / "ray", ("--model", small_model, "--device", "cpu")
+    cli("run", slides, "--out", local, *model, check_rc=3)
+    p = _ray_cli(ray_address, "run", slides, "--out", remote, *model, check_rc=3)
     assert "ray: 1 CPU actors" in p.stderr
     for name in ("detections.csv", "counts.csv", "slides.csv", "errors.csv"):
         assert read_csv(remote / "latest" / name) == read_csv(local / "latest" / name), name
@@ -54,7 +55,7 @@ def test_ray_executor_writes_what_the_local_one_does_and_records_bad_files(ray_a
     errors = {row[0]: row[1] for row in read_csv(remote / "latest" / "errors.csv")[1:]}
     assert set(errors) == {"slide-B/broken.jpg", "slide-B/truncated.jpg"} and all(errors.values())
     # An unchanged folder is skipped through Ray as locally: nothing inferred again.
-    p = _ray_cli(ray_address, "run", slides, "--out", remote, "--device", "cpu", check_rc=3)
+    p = _ray_cli(ray_address, "run", slides, "--out", remote, *model, check_rc=3)
     assert "finished: 0 new, 5 unchanged, 2 failed" in p.stderr
 
 
