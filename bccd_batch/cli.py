@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -334,7 +335,7 @@ def run(
 
     Exit codes: 0 all images processed, 3 some inputs unreadable (see errors.csv), 66 no image file
     under SLIDES at all, 2 usage or configuration error, 75 another run holds OUT's lock, 130/143
-    interrupted, 1 unexpected failure.
+    interrupted, 74 results could not be written (disk full, quota, file size limit), 1 unexpected failure.
     """
     if not slides.is_dir():
         raise _fail(f"slides folder not found: {slides}")
@@ -561,8 +562,28 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+# Writing failed for want of room or on a read-only disk (sysexits' EX_IOERR): a cron wrapper can tell a full
+# disk from a fault of the tool's.
+EXIT_CANNOT_WRITE = 74
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+# What SQLite says where its file cannot grow (a full disk, a quota, a file size limit).
+_STORE_NO_ROOM = ("disk I/O error", "database or disk is full")
+
+
+def _cannot_write(e: Exception) -> str | None:
+    """What could not be written, where `e` is a write refused for want of room; else None."""
+    import sqlite3
+
+    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, sqlite3.OperationalError) and str(e) in _STORE_NO_ROOM:
+        return f"the store (bccd-batch.sqlite): {e}"
+    return None
+
+
 def run_cli() -> None:
-    """Console-script entry: any unexpected exception is exit 1 with a one-line message."""
+    """Console-script entry: a write refused for want of room is exit 74, any other unexpected
+    exception exit 1, each with a one-line message."""
     import signal
 
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -575,5 +596,10 @@ def run_cli() -> None:
     except Exception as e:  # noqa: BLE001 - the last line of defence for cron
         if os.environ.get("BCCD_BATCH_DEBUG"):
             raise
+        what = _cannot_write(e)
+        if what is not None:
+            typer.echo(f"bccd-batch: cannot write {what}. Is the disk full, over quota, read-only or under a file "
+                       "size limit? What was stored before is kept: make room and run again.", err=True)
+            sys.exit(EXIT_CANNOT_WRITE)
         typer.echo(f"bccd-batch: unexpected error: {type(e).__name__}: {e} (set BCCD_BATCH_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)

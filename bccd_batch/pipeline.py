@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 WORK_LIST = ".work-list"    # OUT/<this>: the running run's work for its workers (workers.write_work_list)
 
-EXIT_OK, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 3, 75    # 2 (usage) and 1 (unexpected) come from cli.py
+EXIT_OK, EXIT_INPUT_ERRORS, EXIT_LOCKED = 0, 3, 75    # 2 (usage), 74 (cannot write) and 1 (unexpected) come from cli.py
 # No image file at all under SLIDES (an empty folder, a share that is not mounted): sysexits' EX_NOINPUT,
 # so a cron wrapper can tell it from a quiet night (a rerun with nothing new exits 0).
 EXIT_NO_IMAGES = 66

@@ -4,6 +4,7 @@ Each test prints its figures (run pytest with -s, or read the summary lines in C
 """
 
 import csv
+import errno
 import gzip
 import io
 import json
@@ -213,14 +214,30 @@ def test_disk_full_fails_clearly_and_keeps_earlier_runs(tmp_path):
 
     p = subprocess.run([sys.executable, "-m", "bccd_batch", "run", str(slides), "--out", str(out), "--device", "cpu",
                         "--full"], capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
-    assert p.returncode == 1, p.stderr
-    assert "Traceback" not in p.stderr and re.search(r"disk|full|too large|File too large", p.stderr, re.I), p.stderr
+    assert p.returncode == 74, p.stderr
+    assert "Traceback" not in p.stderr and "Is the disk full" in p.stderr, p.stderr
+    assert re.search(r"cannot write (the store \(bccd-batch.sqlite\): disk I/O error|.+: File too large)", p.stderr), p.stderr
     db = sqlite3.connect(out / "bccd-batch.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT status FROM runs ORDER BY id LIMIT 1").fetchone()[0] == "finished"
     assert read_csv(out / "runs" / Path(first_run).name / "counts.csv") == before
     cli("run", slides, "--out", out, "--device", "cpu", "--full", check_rc=0)   # and the next night works
-    summary(f"disk full: exit 1 with '{p.stderr.strip().splitlines()[-1][:90]}', store intact")
+    summary(f"disk full: exit 74 with '{p.stderr.strip().splitlines()[-1][:90]}', store intact")
+
+
+def test_writes_refused_for_want_of_room_are_told_apart_from_other_failures():
+    """ENOSPC, a quota, a file size limit or a read-only disk (and SQLite's words for them) exit 74
+    naming what could not be written; any other error stays an unexpected one (exit 1)."""
+    from bccd_batch.cli import _cannot_write
+
+    assert _cannot_write(OSError(errno.ENOSPC, "No space left on device", "/r/runs/x/counts.csv")) == \
+        "/r/runs/x/counts.csv: No space left on device"
+    assert _cannot_write(OSError(errno.EDQUOT, "Disk quota exceeded")) == "Disk quota exceeded"
+    assert _cannot_write(sqlite3.OperationalError("database or disk is full")) == \
+        "the store (bccd-batch.sqlite): database or disk is full"
+    assert _cannot_write(PermissionError(errno.EACCES, "Permission denied", "/r")) is None
+    assert _cannot_write(sqlite3.OperationalError("no such table: images")) is None
+    assert _cannot_write(ValueError("disk I/O error")) is None
 
 
 def test_no_pickle_in_engines():
