@@ -124,7 +124,7 @@ MEASURES = ("focus", "brightness", "recounted_at", "tint_red", "tint_blue", "sta
 
 
 class StoreError(sqlite3.DatabaseError):
-    """A store this version cannot use (written by a newer one); the message says which."""
+    """A store this version cannot use (not a database, or written by a newer version); the message says which."""
 
 
 class Store:
@@ -132,10 +132,19 @@ class Store:
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except (StoreError, sqlite3.OperationalError):
+            # Ours, or a lock, a full disk, an I/O error: the file's content is not in question.
+            self.db.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StoreError(f"{self.path} is not a bccd-batch store ({e}); it is left as it is: move it aside "
+                             "to start a new store, or use another --out") from e
 
     def _migrate(self) -> None:
         """Bring a store written by any earlier version to SCHEMA_VERSION (one transaction: a

@@ -159,6 +159,15 @@ def test_usage_errors_exit_2(tmp_path, slides):
         assert p.returncode == 2 and "newer bccd-batch (store version 99)" in p.stderr, args
         assert "Traceback" not in p.stderr and not (newer / "runs").exists() and "engine:" not in p.stderr
     assert sqlite3.connect(newer / "bccd-batch.sqlite").execute("PRAGMA user_version").fetchone()[0] == 99
+    # A store file that is no database at all (overwritten, truncated to junk): the same, naming the file.
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "bccd-batch.sqlite").write_bytes(b"not a database" * 100)
+    for args in (("run", slides), ("report", "a-run"), ("score", "a-run", "--labels", slides)):
+        p = cli(*args, "--out", junk)
+        assert p.returncode == 2 and "bccd-batch.sqlite is not a bccd-batch store" in p.stderr, (args, p.stderr)
+        assert "Traceback" not in p.stderr and not (junk / "runs").exists()
+    assert (junk / "bccd-batch.sqlite").read_bytes() == b"not a database" * 100
 
 
 def test_a_night_without_any_image_file_exits_66_and_says_so(empty_night):

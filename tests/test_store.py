@@ -7,7 +7,7 @@ import pytest
 
 import numpy as np
 
-from bccd_batch.store import SCHEMA_VERSION, Store, pack_detections, unpack_detections
+from bccd_batch.store import SCHEMA_VERSION, Store, StoreError, pack_detections, unpack_detections
 
 # The layout bccd-batch wrote before store version 2 (user_version 0): detections keyed by the
 # image's (root, rel) text.
@@ -215,3 +215,12 @@ def test_a_store_from_a_newer_version_is_refused_untouched(tmp_path):
     with pytest.raises(sqlite3.DatabaseError, match="newer bccd-batch"):
         Store(path)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+def test_a_file_that_is_no_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "s.sqlite"
+    junk = bytes(range(256)) * 16
+    path.write_bytes(junk)
+    with pytest.raises(StoreError, match=r"s\.sqlite is not a bccd-batch store \(file is not a database\)"):
+        Store(path)
+    assert path.read_bytes() == junk and sorted(p.name for p in tmp_path.iterdir()) == ["s.sqlite"]
