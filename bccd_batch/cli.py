@@ -574,10 +574,12 @@ def _cannot_write(e: Exception) -> str | None:
     """What could not be written, where `e` is a write refused for want of room; else None."""
     import sqlite3
 
+    from .store import STORE_NAME
+
     if isinstance(e, OSError) and e.errno in _NO_ROOM:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     if isinstance(e, sqlite3.OperationalError) and str(e) in _STORE_NO_ROOM:
-        return f"the store (bccd-batch.sqlite): {e}"
+        return f"the store ({STORE_NAME}): {e}"
     return None
 
 

@@ -137,12 +137,11 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
-        except (StoreError, sqlite3.OperationalError):
-            # Ours, or a lock, a full disk, an I/O error: the file's content is not in question.
-            self.db.close()
-            raise
         except sqlite3.DatabaseError as e:
             self.db.close()
+            # Ours, or a lock, a full disk, an I/O error: the file's content is not in question.
+            if isinstance(e, (StoreError, sqlite3.OperationalError)):
+                raise
             raise StoreError(f"{self.path} is not a bccd-batch store ({e}); it is left as it is: move it aside "
                              "to start a new store, or use another --out") from e
 

@@ -238,7 +238,6 @@ def train(data: TrainingData, out_dir: Path, cfg: TrainConfig, model_cfg: ModelC
         # The checkpoint's architecture wins: resuming with other --backbone/--input-size flags
         # would otherwise fail to load, or train a different network than the one saved.
         model_cfg = ModelConfig.from_dict(json.loads(ck["model_config"]))
-    if ck is not None:
         model = model_with_weights(model_cfg, ck["model"])
         # A resumed run started from whatever its first part started from.
         init_record = json.loads(ck.get("train_config", "{}")).get("init")
